@@ -1,0 +1,1 @@
+"""Thin command-line entry points (cub, cars196, omniglot) and their ml_collections configs."""

@@ -1,0 +1,65 @@
+"""Input checks shared by the public functions: clear errors at the boundary, never deep in jax.
+
+Every check names the argument it rejects and says what was expected, so a user sees
+``ValueError: embeddings: 3 rows contain NaN or inf (first: row 17)`` instead of a traceback
+from inside a compiled function.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+
+def as_embeddings(
+    embeddings, name: str = "embeddings", *, allow_nonfinite: bool = False
+) -> np.ndarray:
+    """Returns `embeddings` as a float32 [N, D] host array, or raises ValueError naming `name`."""
+    array = np.asarray(embeddings)
+    if array.ndim != 2:
+        raise ValueError(f"{name}: expected a 2-D array [N, D], got shape {array.shape}")
+    if array.shape[0] == 0 or array.shape[1] == 0:
+        raise ValueError(f"{name}: expected a non-empty array [N, D], got shape {array.shape}")
+    if not (np.issubdtype(array.dtype, np.floating) or np.issubdtype(array.dtype, np.integer)):
+        raise ValueError(f"{name}: expected a real-valued array, got dtype {array.dtype}")
+    array = array.astype(np.float32, copy=False)
+    if not allow_nonfinite:
+        bad_rows = np.flatnonzero(~np.isfinite(array).all(axis=1))
+        if bad_rows.size:
+            raise ValueError(
+                f"{name}: {bad_rows.size} of {array.shape[0]} rows contain NaN or inf "
+                f"(first: row {int(bad_rows[0])})")
+    return array
+
+
+def as_labels(labels, num_rows: int | None = None, name: str = "labels",
+                            rows_name: str = "embeddings") -> np.ndarray:
+    """Returns `labels` as an int64 [N] host array, or raises ValueError naming `name`.
+
+    Labels are arbitrary integers (negative and non-contiguous values are fine).
+    """
+    array = np.asarray(labels)
+    if array.ndim != 1:
+        raise ValueError(f"{name}: expected a 1-D array [N], got shape {array.shape}")
+    if array.size and not np.issubdtype(array.dtype, np.integer):
+        integral = np.issubdtype(array.dtype, np.floating) and np.all(np.isfinite(array))
+        if integral and np.all(array == np.round(array)):
+            array = array.astype(np.int64)
+        else:
+            raise ValueError(f"{name}: expected integer class labels, got dtype {array.dtype}")
+    if num_rows is not None and array.shape[0] != num_rows:
+        raise ValueError(
+                f"{name}: has {array.shape[0]} entries but {rows_name} has {num_rows} rows; "
+                "they must have the same length")
+    return array.astype(np.int64, copy=False)
+
+
+def check_k(k, num_rows: int, name: str = "k") -> int:
+    """Checks 1 <= k <= N - 1 (the neighbours of a row are the OTHER rows) and returns int(k)."""
+    if isinstance(k, bool) or int(k) != k:
+        raise ValueError(f"{name}: expected a positive integer, got {k!r}")
+    k = int(k)
+    if not 1 <= k <= num_rows - 1:
+        raise ValueError(
+            f"{name}={k} must satisfy 1 <= {name} <= N - 1 = {num_rows - 1}: each of the "
+            f"N = {num_rows} rows has only N - 1 other rows to be its neighbours")
+    return k
