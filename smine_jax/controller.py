@@ -1,0 +1,359 @@
+"""Adaptive controller of the exclusion factor κ (SPEC §3; Eqs. 7–8 of Harwood et al. 2017).
+
+Smart mining skips every neighbour of an anchor closer than ``κ · ‖f(a) − f(p⁺ᴺᴺ)‖²`` (Eq. 6),
+so κ sets how hard the mined triplets are: a larger κ skips more near negatives and the
+remaining triplets are easier (lower training error e). The controller steers e towards a
+target e_t by fitting the linear model κ = α·e + β (Eq. 7) by least squares to the last W
+(κ, e) pairs and using κ_next = α·e_t + β (Eq. 8), clipped to [κ_min, κ_max].
+
+Epoch schedule (SPEC §2 step 5): the first ``random_epochs`` epochs train on random triplets
+only; they enter the history as (κ_random, e) points. The first mining epoch uses κ₀
+(``kappa_init``); from the second mining epoch on, κ comes from the fit (``policy="adaptive"``)
+or from the manual halving schedule (``policy="manual"``, the ablation without controller).
+
+The state is a ``flax.struct`` pytree: array leaves for what changes (so it can live in the
+train state, pass through ``jax.jit`` and be saved by orbax), the settings as a static, hashable
+``ControllerConfig``. ``update`` is pure and jit-compatible; it checks a concrete training error
+before anything reaches jax.
+
+Choices where SPEC/paper are silent (all are ``ControllerConfig`` fields):
+
+- Degenerate fit: fewer than two recorded points, fewer than two distinct κ in the window, all
+  errors equal, a non-finite fit, ``|α| < min_slope`` (1.0: the fitted line then moves κ by less
+  than one unit — the smallest κ allowed — across the whole error range [0, 1]), or, with
+  ``negative_slope_only`` (default), ``α > 0``. A positive slope claims that a larger κ makes
+  triplets harder, the opposite of the mechanism (Eq. 6); it only arises from noise or from the
+  network improving between the epochs of the window, and following it would move κ away from
+  the target. Fallback: κ_next = κ · ``degenerate_factor`` when e > e_t + ``tolerance``
+  (triplets too hard), κ / ``degenerate_factor`` when e < e_t − ``tolerance``, else unchanged;
+  then clipped. The dead band (0.05: errors within ±0.05 of e_t count as on target; the paper
+  finds targets from 0.5 to 0.75 all work, so finer control buys nothing) matters once the
+  controller has converged: fits on points that differ by noise only come out degenerate, κ is
+  kept, the window fills with one repeated κ, and from then on every epoch is degenerate. With a
+  narrower band an ordinary noise spike would jump κ by the full factor (measured on the
+  simulated plant with noise σ = 0.01: band 0.025 leaves the ±0.05 band in up to 30 % of runs,
+  band 0.05 in none). A real drift of the error out of the band still moves κ, and the next fit
+  (now on two distinct κ) takes over.
+- Trust region (``max_step_factor``, default None = off, the paper's Eq. 8 as written; 2 is
+  the recommended setting): a fitted κ_next stays within [κ/f, κ·f] of the κ just used. The
+  plant is convex (e ≈ 1/(1 + c·κ) in simulation), so a straight line through points far apart
+  (the κ = 64 random epochs, κ₀ = 16) extrapolates past the target — down to κ_min — and the
+  next fits oscillate. With f = 2, simulated plants with κ* between 5 and 50 reach
+  |e − e_t| < 0.05 by the 4th mining epoch (tests/test_controller.py); without it only those
+  with κ* near κ₀ or above do (κ* >= ~16).
+- Manual schedule: κ₀ for the first ``manual_halve_every`` mining epochs, then halved every
+  ``manual_halve_every`` mining epochs, floor κ_min — counted from the first mining epoch (with
+  the defaults: epochs 3–5 use 16, 6–8 use 8, 9–11 use 4, 12–14 use 2, from 15 on 1).
+- Random-only epochs set ``state.kappa = kappa_random`` (unused by the trainer, since those
+  epochs do not mine, but recorded in the history); it is not clipped.
+- Under ``jax.jit`` a non-finite training error cannot raise: it is left out of the history and
+  κ is kept (the epoch schedule still advances).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import numbers
+from collections.abc import Mapping
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import struct
+
+POLICIES = ("adaptive", "manual")
+
+
+@dataclasses.dataclass(frozen=True)
+class ControllerConfig:
+    """Static settings of the κ controller; validated on construction (ValueError naming a field).
+
+    Attributes:
+      policy: "adaptive" (least-squares controller, Eqs. 7–8) or "manual" (halving schedule).
+      target_error: e_t in (0, 1); the paper finds 0.5–0.75 work well.
+      window: W >= 2, number of recent (κ, e) pairs in the least-squares fit.
+      kappa_init: κ₀, the κ of the first mining epoch (the paper advises starting large).
+      kappa_random: κ recorded for the random-only epochs.
+      kappa_min, kappa_max: clip range of every κ the controller sets for a mining epoch.
+      random_epochs: epochs of random triplets before mining starts (SPEC: 2).
+      degenerate_factor: > 1, multiplicative step of κ when the fit is degenerate.
+      min_slope: |α| below this counts as a degenerate fit (κ units per unit of error).
+      negative_slope_only: also treat α > 0 as degenerate (see the module docstring).
+      tolerance: a degenerate fit keeps κ while |e − e_t| <= tolerance (dead band).
+      max_step_factor: trust region of the fit: κ_next within [κ / f, κ · f] of the κ just
+        used; None: no limit.
+      manual_halve_every: manual policy: mining epochs between halvings of κ.
+    """
+
+    policy: str = "adaptive"
+    target_error: float = 0.5
+    window: int = 3
+    kappa_init: float = 16.0
+    kappa_random: float = 64.0
+    kappa_min: float = 1.0
+    kappa_max: float = 64.0
+    random_epochs: int = 2
+    degenerate_factor: float = 2.0
+    min_slope: float = 1.0
+    negative_slope_only: bool = True
+    tolerance: float = 0.05
+    max_step_factor: float | None = None
+    manual_halve_every: int = 3
+
+    def __post_init__(self):
+        for field in dataclasses.fields(self):
+            value = getattr(self, field.name)
+            if field.type == "int":
+                value = _as_int(field.name, value)
+            elif field.type == "float" or (field.type == "float | None" and value is not None):
+                value = _as_float(field.name, value)
+            elif field.type == "bool":
+                if not isinstance(value, (bool, np.bool_)):
+                    raise ValueError(f"{field.name}: expected True or False, got {value!r}")
+                value = bool(value)
+            object.__setattr__(self, field.name, value)
+        if self.policy not in POLICIES:
+            raise ValueError(f"policy: expected one of {POLICIES}, got {self.policy!r}")
+        _require(0.0 < self.target_error < 1.0, "target_error", "must lie in (0, 1)", self)
+        _require(self.window >= 2, "window", "must be >= 2 (a line needs two points)", self)
+        _require(self.kappa_min > 0.0, "kappa_min", "must be > 0", self)
+        _require(self.kappa_max >= self.kappa_min, "kappa_max",
+                 f"must be >= kappa_min = {self.kappa_min}", self)
+        _require(self.kappa_min <= self.kappa_init <= self.kappa_max, "kappa_init",
+                 f"must lie in [kappa_min, kappa_max] = [{self.kappa_min}, {self.kappa_max}]",
+                 self)
+        _require(self.kappa_random > 0.0, "kappa_random", "must be > 0", self)
+        _require(self.random_epochs >= 0, "random_epochs", "must be >= 0", self)
+        _require(self.degenerate_factor > 1.0, "degenerate_factor", "must be > 1", self)
+        _require(self.min_slope >= 0.0, "min_slope", "must be >= 0", self)
+        _require(0.0 <= self.tolerance < min(self.target_error, 1.0 - self.target_error),
+                 "tolerance", "must lie in [0, min(target_error, 1 - target_error))", self)
+        _require(self.max_step_factor is None or self.max_step_factor >= 1.0,
+                 "max_step_factor", "must be >= 1 or None", self)
+        _require(self.manual_halve_every >= 1, "manual_halve_every", "must be >= 1", self)
+
+
+def _require(condition: bool, name: str, expectation: str, config: ControllerConfig) -> None:
+    if not condition:
+        raise ValueError(f"{name}: {expectation}, got {getattr(config, name)!r}")
+
+
+def _as_int(name: str, value) -> int:
+    integral = isinstance(value, numbers.Integral) or (
+        isinstance(value, numbers.Real) and math.isfinite(value) and float(value).is_integer())
+    if isinstance(value, (bool, np.bool_)) or not integral:
+        raise ValueError(f"{name}: expected an integer, got {value!r}")
+    return int(value)
+
+
+def _as_float(name: str, value) -> float:
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Real):
+        raise ValueError(f"{name}: expected a real number, got {value!r}")
+    if not math.isfinite(value):
+        raise ValueError(f"{name}: expected a finite number, got {value!r}")
+    return float(value)
+
+
+@struct.dataclass
+class ControllerState:
+    """Controller state (a pytree). Leaves are jax arrays; ``config`` is static.
+
+    Attributes:
+      kappa: f32[], the κ to use in the next epoch.
+      epoch: i32[], epochs completed so far (0 after ``init``); the next epoch is ``epoch + 1``.
+      kappas, errors: f32[W], recorded (κ used, training error) pairs, oldest first; only the
+        last ``count`` entries are valid (the rest are zero).
+      count: i32[], valid entries in the history (at most W).
+      slope, intercept: f32[], the last least-squares fit κ = α·e + β (NaN when undefined:
+        fewer than two points or all errors equal).
+      used_fit: bool[], whether ``kappa`` came from the fit (False: schedule or fallback).
+      config: the static ``ControllerConfig``.
+    """
+
+    kappa: jax.Array
+    epoch: jax.Array
+    kappas: jax.Array
+    errors: jax.Array
+    count: jax.Array
+    slope: jax.Array
+    intercept: jax.Array
+    used_fit: jax.Array
+    config: ControllerConfig = struct.field(pytree_node=False)
+
+    @property
+    def mining(self) -> jax.Array:
+        """bool[]: whether the next epoch mines (its 1-based index exceeds ``random_epochs``)."""
+        return self.epoch >= self.config.random_epochs
+
+
+def init(config=None, **overrides) -> ControllerState:
+    """The controller state before the first epoch.
+
+    Args:
+      config: a ``ControllerConfig``, an ``ml_collections.ConfigDict``, a mapping of
+        ``ControllerConfig`` fields, or None (defaults).
+      **overrides: ``ControllerConfig`` fields; they take precedence over ``config``.
+
+    Raises:
+      ValueError: unknown field names (all of them are listed) or invalid values (naming the
+        field).
+    """
+    if isinstance(config, ControllerConfig):
+        fields = dataclasses.asdict(config)
+    elif config is None:
+        fields = {}
+    elif hasattr(config, "to_dict"):  # ml_collections.ConfigDict / FrozenConfigDict
+        fields = dict(config.to_dict())
+    elif isinstance(config, Mapping):
+        fields = dict(config)
+    else:
+        raise ValueError(
+            f"config: expected a ControllerConfig, ConfigDict, mapping or None, got "
+            f"{type(config).__name__}")
+    fields.update(overrides)
+    known = {field.name for field in dataclasses.fields(ControllerConfig)}
+    unknown = sorted(str(name) for name in set(fields) - known)
+    if unknown:
+        raise ValueError(
+            f"config: unknown controller field(s) {unknown}; known fields: {sorted(known)}")
+    config = ControllerConfig(**fields)
+    epoch = jnp.zeros((), jnp.int32)
+    nan = jnp.full((), jnp.nan, jnp.float32)
+    return ControllerState(
+        kappa=_scheduled_kappa(config, epoch, mined_kappa=jnp.float32(config.kappa_init)),
+        epoch=epoch,
+        kappas=jnp.zeros((config.window,), jnp.float32),
+        errors=jnp.zeros((config.window,), jnp.float32),
+        count=jnp.zeros((), jnp.int32),
+        slope=nan,
+        intercept=nan,
+        used_fit=jnp.zeros((), bool),
+        config=config,
+    )
+
+
+def update(state: ControllerState, training_error) -> ControllerState:
+    """Records the finished epoch's (κ, training error) and sets ``state.kappa`` for the next.
+
+    Pure and jit-compatible. Call it once after every epoch, random-only epochs included.
+
+    Args:
+      state: the ``ControllerState`` the finished epoch used (its ``kappa`` is the κ recorded,
+        or ``kappa_random`` for a random-only epoch).
+      training_error: scalar in [0, 1], the epoch's training error (mean over batches of the
+        fraction of triplets with J_t > 0, SPEC §1).
+
+    Raises:
+      ValueError: naming ``state`` or ``training_error`` (not a scalar, non-finite, outside
+        [0, 1]); value checks only run on concrete (non-traced) errors.
+    """
+    if not isinstance(state, ControllerState):
+        raise ValueError(f"state: expected a ControllerState, got {type(state).__name__}")
+    if not isinstance(training_error, jax.core.Tracer):
+        value = np.asarray(training_error)
+        if value.shape != ():
+            raise ValueError(f"training_error: expected a scalar, got shape {value.shape}")
+        if value.dtype == bool or not (
+                np.issubdtype(value.dtype, np.floating) or np.issubdtype(value.dtype, np.integer)):
+            raise ValueError(f"training_error: expected a real number, got dtype {value.dtype}")
+        if not np.isfinite(value):
+            raise ValueError(f"training_error: expected a finite number, got {value}")
+        if not 0.0 <= value <= 1.0:
+            raise ValueError(
+                f"training_error: expected a fraction of triplets in [0, 1], got {value}")
+    elif jnp.shape(training_error) != ():
+        raise ValueError(
+            f"training_error: expected a scalar, got shape {jnp.shape(training_error)}")
+    return _update_jit(state, jnp.asarray(training_error, jnp.float32))
+
+
+def least_squares_line(kappas, errors, count):
+    """Fits κ = α·e + β (Eq. 7) to the last ``count`` entries of the [W] histories.
+
+    Closed form on the masked window (jit-compatible): α = Sₑκ / Sₑₑ, β = κ̄ − α·ē with centred
+    sums over the valid entries. Returns (α, β), NaN where the line is undefined (fewer than
+    two points or all errors equal).
+    """
+    kappas = jnp.asarray(kappas, jnp.float32)
+    errors = jnp.asarray(errors, jnp.float32)
+    valid = _window_mask(kappas.shape[-1], count)
+    num_valid = jnp.sum(valid).astype(jnp.float32)
+    safe_num = jnp.maximum(num_valid, 1.0)
+    error_mean = jnp.sum(jnp.where(valid, errors, 0.0)) / safe_num
+    kappa_mean = jnp.sum(jnp.where(valid, kappas, 0.0)) / safe_num
+    error_dev = jnp.where(valid, errors - error_mean, 0.0)
+    kappa_dev = jnp.where(valid, kappas - kappa_mean, 0.0)
+    error_var = jnp.sum(error_dev * error_dev)
+    covariance = jnp.sum(error_dev * kappa_dev)
+    defined = (num_valid >= 2.0) & (error_var > 0.0)
+    slope = jnp.where(defined, covariance / jnp.where(defined, error_var, 1.0), jnp.nan)
+    intercept = kappa_mean - slope * error_mean
+    return slope, intercept
+
+
+def _window_mask(window: int, count):
+    """bool[W]: the valid (most recent ``count``) entries of a history stored oldest first."""
+    return jnp.arange(window) >= window - count
+
+
+def _scheduled_kappa(config: ControllerConfig, epochs_done, mined_kappa):
+    """κ for epoch ``epochs_done + 1``: κ_random, κ₀ for the first mining epoch, else mined."""
+    return jnp.where(
+        epochs_done < config.random_epochs,
+        jnp.float32(config.kappa_random),
+        jnp.where(epochs_done == config.random_epochs, jnp.float32(config.kappa_init),
+                  jnp.clip(mined_kappa, config.kappa_min, config.kappa_max)),
+    ).astype(jnp.float32)
+
+
+def _manual_kappa(config: ControllerConfig, epochs_done):
+    """κ₀ halved every ``manual_halve_every`` mining epochs, from the first mining epoch on."""
+    mining_index = jnp.maximum(epochs_done - config.random_epochs, 0)
+    halvings = (mining_index // config.manual_halve_every).astype(jnp.float32)
+    return jnp.float32(config.kappa_init) * jnp.exp2(-halvings)
+
+
+def _update_arrays(state: ControllerState, error):
+    config = state.config
+    finite = jnp.isfinite(error)
+    kappa_used = state.kappa
+    kappas = jnp.where(finite, jnp.append(state.kappas[1:], kappa_used), state.kappas)
+    errors = jnp.where(finite, jnp.append(state.errors[1:], error), state.errors)
+    count = jnp.where(finite, jnp.minimum(state.count + 1, config.window), state.count)
+    epochs_done = state.epoch + 1
+    slope, intercept = least_squares_line(kappas, errors, count)
+    if config.policy == "adaptive":
+        valid = _window_mask(config.window, count)
+        kappa_spread = (jnp.max(jnp.where(valid, kappas, -jnp.inf))
+                        - jnp.min(jnp.where(valid, kappas, jnp.inf)))
+        fit_ok = (finite & (kappa_spread > 0.0) & jnp.isfinite(slope) & jnp.isfinite(intercept)
+                  & (jnp.abs(slope) >= config.min_slope))
+        if config.negative_slope_only:
+            fit_ok &= slope < 0.0
+        kappa_fit = slope * config.target_error + intercept
+        if config.max_step_factor is not None:
+            kappa_fit = jnp.clip(kappa_fit, kappa_used / config.max_step_factor,
+                                 kappa_used * config.max_step_factor)
+        too_hard = error > config.target_error + config.tolerance
+        too_easy = error < config.target_error - config.tolerance
+        step = jnp.where(too_hard, config.degenerate_factor,
+                         jnp.where(too_easy, 1.0 / config.degenerate_factor, 1.0))
+        # A NaN error is neither too hard nor too easy: step 1, κ kept.
+        mined_kappa = jnp.where(fit_ok, kappa_fit, kappa_used * step)
+    else:
+        fit_ok = jnp.zeros((), bool)
+        mined_kappa = _manual_kappa(config, epochs_done)
+    return state.replace(
+        kappa=_scheduled_kappa(config, epochs_done, mined_kappa),
+        epoch=epochs_done,
+        kappas=kappas,
+        errors=errors,
+        count=count.astype(jnp.int32),
+        slope=slope.astype(jnp.float32),
+        intercept=intercept.astype(jnp.float32),
+        used_fit=fit_ok & (epochs_done > config.random_epochs),
+    )
+
+
+_update_jit = jax.jit(_update_arrays)
