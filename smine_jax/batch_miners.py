@@ -1,0 +1,341 @@
+"""In-batch triplet miners: the baselines of the paper's comparison rows.
+
+Unlike smart mining (``mining.sample_triplets``), which walks neighbour lists precomputed over the
+whole training set, these miners look only at one batch's embeddings:
+
+- ``semihard_triplets``: FaceNet semi-hard negatives (Schroff et al. 2015), with the fallback of
+  TensorFlow Addons' ``triplet_semihard_loss``;
+- ``batch_hard_triplets``: the hardest positive and negative per anchor (Hermans et al. 2017);
+- ``distance_weighted_triplets``: distance-weighted negative sampling (Wu et al. 2017).
+
+Each returns ``BatchTriplets``: int32 indices into the batch plus a bool ``valid`` mask, with
+static shapes (B * B slots, one per ordered anchor-positive pair, or B slots, one per anchor), so
+a training step gathers ``embeddings[anchor]`` etc. and passes ``mask=valid`` to its loss. Work
+and memory are O(B^2): no B x B x B tensor is ever formed. All three are jit-compatible; host
+argument checks run only on concrete (non-traced) inputs.
+
+Conventions shared by all three:
+
+- ``mask`` (optional bool [B]) marks real rows; padded rows (False) never serve as anchor,
+  positive or negative, and their values (even NaN under jit) cannot leak into other rows.
+- Labels are arbitrary integers. Eagerly they are re-indexed on the host, so int64 labels that
+  would collide when cast to int32 stay distinct; under jit they are compared as given.
+- Ties between equal distances go to the lowest batch index.
+- Invalid slots hold the anchor's own index in ``positive`` and ``negative`` (always in range,
+  so gathers are safe); only ``valid`` slots are triplets.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from smine_jax import validation
+
+SEMIHARD_FALLBACKS = ("largest", "invalid")
+
+
+class BatchTriplets(NamedTuple):
+    """Triplets as indices into one batch; only slots with ``valid`` True are triplets."""
+
+    anchor: jax.Array  # int32 [S]
+    positive: jax.Array  # int32 [S]
+    negative: jax.Array  # int32 [S]
+    valid: jax.Array  # bool [S]
+
+
+# --------------------------------------------------------------------------- public miners
+
+
+def semihard_triplets(embeddings, labels, *, margin=0.2, mask=None,
+                      fallback: str = "largest") -> BatchTriplets:
+    """FaceNet semi-hard mining (Schroff et al. 2015, Sec. 3.2) on squared distances.
+
+    One slot per ordered pair (a, p) of the batch, slot index ``a * B + p``; a slot is a
+    candidate when p has a's class and p != a. Its negative is the other-class sample n with the
+    smallest d(a, n) subject to d(a, p) < d(a, n) (strict), d the squared Euclidean distance as
+    in FaceNet; ties go to the lowest index. When no negative is farther than the positive:
+
+    - ``fallback="largest"`` (default): as TensorFlow Addons' ``triplet_semihard_loss``, take the
+      negative with the largest d(a, n) (the least hard of the hard negatives); the slot is valid.
+    - ``fallback="invalid"``: keep only true semi-hard triplets, d(a,p) < d(a,n) < d(a,p) + margin
+      (FaceNet's band); every other slot is invalid.
+
+    A slot is also invalid when the anchor has no negative in the batch.
+
+    Args:
+      embeddings: [B, D] float array.
+      labels: [B] integer class labels.
+      margin: FaceNet's alpha, in squared-distance units, >= 0 (``inf`` allowed). It bounds the
+        semi-hard band and matters only for ``fallback="invalid"``: under the TF-Addons rule the
+        selected negative is the same whatever the margin (the closest negative beyond d(a, p)
+        lies in the band whenever the band holds any negative).
+      mask: optional bool [B]; False marks padded rows.
+      fallback: "largest" or "invalid", see above.
+
+    Returns:
+      ``BatchTriplets`` with B * B slots.
+    """
+    if fallback not in SEMIHARD_FALLBACKS:
+        raise ValueError(f"fallback: expected one of {SEMIHARD_FALLBACKS}, got {fallback!r}")
+    _check_scalar(margin, "margin", lower=0.0, allow_inf=True)
+    embeddings, labels, mask = _prepare(embeddings, labels, mask)
+    return _semihard(embeddings, labels, mask, margin, fallback=fallback)
+
+
+def batch_hard_triplets(embeddings, labels, *, mask=None) -> BatchTriplets:
+    """Batch-hard mining (Hermans, Beyer & Leibe 2017, "In Defense of the Triplet Loss").
+
+    One slot per anchor a (slot index a): its farthest positive (same class, != a) and its
+    closest negative (other class); ties go to the lowest index. The slot is invalid when the
+    anchor is padded or has no positive or no negative in the batch. Squared distances pick the
+    same samples as plain ones (the square root is monotone) without rounding ties apart.
+
+    Args:
+      embeddings: [B, D] float array.
+      labels: [B] integer class labels.
+      mask: optional bool [B]; False marks padded rows.
+
+    Returns:
+      ``BatchTriplets`` with B slots.
+    """
+    embeddings, labels, mask = _prepare(embeddings, labels, mask)
+    return _batch_hard(embeddings, labels, mask)
+
+
+def distance_weighted_triplets(key, embeddings, labels, *, cutoff=0.5, nonzero_loss_cutoff=1.4,
+                               mask=None) -> BatchTriplets:
+    """Distance-weighted negative sampling (Wu et al. 2017, "Sampling Matters", Sec. 4).
+
+    One slot per ordered pair (a, p) of the batch, slot index ``a * B + p``, valid when p has a's
+    class, p != a and the anchor has a negative. Each slot draws its own negative independently,
+    with probability proportional to min(lambda, q(d)^-1) where d = ||f(a) - f(n)|| (plain
+    distance) and q(d) ∝ d^(n-2) (1 - d^2/4)^((n-3)/2) is the density of pairwise distances of
+    points uniform on the unit sphere in R^n, n = D. As in the authors' reference implementation,
+    the cap lambda is realised by clipping d below at ``cutoff``, weights are computed in log
+    space and normalised by the anchor's largest log-weight, and only negatives with
+    d < ``nonzero_loss_cutoff`` (those that can still have a non-zero margin loss) are eligible.
+    An anchor with no eligible negative samples uniformly over all its negatives (the reference
+    implementation then samples uniformly over the whole batch, positives and the anchor
+    included; here only real negatives are drawn, so every valid slot is a true triplet).
+
+    The formula assumes L2-normalised embeddings (unit vectors, d in [0, 2]); the embeddings are
+    used as given, not normalised here. Each slot draws by inverse CDF: one uniform per slot,
+    searched in the anchor's cumulative weights, O(B^2) work and memory. (Gumbel-max, i.e.
+    ``jax.random.categorical``, would need B noise values per slot, B^3 in all: ~90x slower at
+    B = 128 on CPU even one anchor at a time.)
+
+    Args:
+      key: a jax PRNG key.
+      embeddings: [B, D] float array, rows of unit length.
+      labels: [B] integer class labels.
+      cutoff: lower clip of d in the weights, > 0 (reference: 0.5).
+      nonzero_loss_cutoff: only negatives closer than this are eligible, > cutoff (reference: 1.4).
+      mask: optional bool [B]; False marks padded rows.
+
+    Returns:
+      ``BatchTriplets`` with B * B slots.
+    """
+    _check_scalar(cutoff, "cutoff", lower=0.0, strict=True)
+    _check_scalar(nonzero_loss_cutoff, "nonzero_loss_cutoff", lower=0.0, strict=True,
+                  allow_inf=True)
+    if _is_concrete(cutoff) and _is_concrete(nonzero_loss_cutoff):
+        if not float(nonzero_loss_cutoff) > float(cutoff):
+            raise ValueError(
+                f"nonzero_loss_cutoff={float(nonzero_loss_cutoff)} must exceed "
+                f"cutoff={float(cutoff)}: otherwise no negative is ever eligible")
+    embeddings, labels, mask = _prepare(embeddings, labels, mask)
+    return _distance_weighted(key, embeddings, labels, mask, cutoff, nonzero_loss_cutoff)
+
+
+# --------------------------------------------------------------------------- jitted cores
+
+
+@functools.partial(jax.jit, static_argnames=("fallback",))
+def _semihard(embeddings, labels, mask, margin, *, fallback):
+    """Per anchor: sort the negatives' distances once, then searchsorted every d(a, p)."""
+    num_rows = embeddings.shape[0]
+    sq_dists = _pairwise_sq_dists(embeddings, mask)
+    positive_pairs, negative_pairs = _pair_masks(labels, mask)
+    negative_sq = jnp.where(negative_pairs, sq_dists, jnp.inf)
+    # Stable sort: equal distances keep ascending index order, so the first one is the lowest.
+    order = jnp.argsort(negative_sq, axis=1, stable=True)
+    sorted_sq = jnp.take_along_axis(negative_sq, order, axis=1)
+    # First sorted negative strictly farther than the positive ("scan" keeps memory O(B^2)).
+    first_farther = jax.vmap(
+        lambda row, queries: jnp.searchsorted(row, queries, side="right", method="scan")
+    )(sorted_sq, sq_dists)
+    num_negatives = jnp.sum(negative_pairs, axis=1)
+    has_semihard = first_farther < num_negatives[:, None]
+    semihard = jnp.take_along_axis(order, jnp.minimum(first_farther, num_rows - 1), axis=1)
+    if fallback == "largest":
+        # TF-Addons: no negative beyond d(a, p) -> the negative with the largest d(a, n).
+        largest = jnp.argmax(jnp.where(negative_pairs, sq_dists, -jnp.inf), axis=1)
+        negative = jnp.where(has_semihard, semihard, largest[:, None])
+        valid = positive_pairs & (num_negatives > 0)[:, None]
+    else:
+        negative = semihard
+        semihard_sq = jnp.take_along_axis(sq_dists, semihard, axis=1)
+        in_band = semihard_sq < sq_dists + jnp.asarray(margin, jnp.float32)
+        valid = positive_pairs & has_semihard & in_band
+    return _pair_slots(negative, valid)
+
+
+@jax.jit
+def _batch_hard(embeddings, labels, mask):
+    """Per anchor: argmax distance over its positives, argmin over its negatives."""
+    sq_dists = _pairwise_sq_dists(embeddings, mask)
+    positive_pairs, negative_pairs = _pair_masks(labels, mask)
+    positive = jnp.argmax(jnp.where(positive_pairs, sq_dists, -jnp.inf), axis=1)
+    negative = jnp.argmin(jnp.where(negative_pairs, sq_dists, jnp.inf), axis=1)
+    valid = jnp.any(positive_pairs, axis=1) & jnp.any(negative_pairs, axis=1)
+    anchor = jnp.arange(embeddings.shape[0], dtype=jnp.int32)
+    return _batch_triplets(anchor, positive, negative, valid)
+
+
+@jax.jit
+def _distance_weighted(key, embeddings, labels, mask, cutoff, nonzero_loss_cutoff):
+    """Masked log-weights log q(d)^-1 per anchor, then one inverse-CDF draw per (a, p) slot."""
+    num_rows, dim = embeddings.shape
+    positive_pairs, negative_pairs = _pair_masks(labels, mask)
+    dists = _safe_sqrt(_pairwise_sq_dists(embeddings, mask))
+    dists = jnp.maximum(dists, jnp.asarray(cutoff, jnp.float32))
+    # log q(d)^-1 = (2 - n) log d - ((n - 3) / 2) log(1 - d^2 / 4); the floor keeps d >= 2
+    # (rounding, or non-unit rows) finite instead of NaN.
+    one_minus = jnp.maximum(1.0 - 0.25 * dists * dists, jnp.finfo(jnp.float32).tiny)
+    log_weights = (2.0 - dim) * jnp.log(dists) - (0.5 * (dim - 3.0)) * jnp.log(one_minus)
+    eligible = negative_pairs & (dists < jnp.asarray(nonzero_loss_cutoff, jnp.float32))
+    has_eligible = jnp.any(eligible, axis=1, keepdims=True)
+    # No eligible negative: uniform over the anchor's negatives (log-weight 0 each).
+    log_weights = jnp.where(has_eligible, log_weights, 0.0)
+    allowed = jnp.where(has_eligible, eligible, negative_pairs)
+    log_weights = jnp.where(allowed, log_weights, -jnp.inf)
+    # Normalise by the anchor's largest log-weight (as the reference does): weights in (0, 1].
+    row_max = jnp.max(log_weights, axis=1, keepdims=True)
+    weights = jnp.exp(log_weights - jnp.where(jnp.isfinite(row_max), row_max, 0.0))
+    # Inverse-CDF draw, one uniform per (a, p) slot: first n with cdf[a, n] >= total * (1 - u).
+    cdf = jnp.cumsum(weights, axis=1)
+    thresholds = cdf[:, -1:] * (1.0 - jax.random.uniform(key, (num_rows, num_rows)))
+    drawn = jax.vmap(lambda row, queries: jnp.searchsorted(row, queries, method="scan"))(
+        cdf, thresholds)
+    drawn = jnp.minimum(drawn, num_rows - 1)
+    # Zero-weight entries add nothing to the prefix sums, so they are never drawn; guard anyway
+    # against a rounding-level slip: a non-allowed draw becomes the anchor's likeliest negative.
+    most_likely = jnp.argmax(log_weights, axis=1, keepdims=True)
+    negative = jnp.where(jnp.take_along_axis(allowed, drawn, axis=1), drawn, most_likely)
+    valid = positive_pairs & jnp.any(negative_pairs, axis=1, keepdims=True)
+    return _pair_slots(negative, valid)
+
+
+# --------------------------------------------------------------------------- shared helpers
+
+
+def _pairwise_sq_dists(embeddings, mask):
+    """float32 [B, B] squared Euclidean distances; padded rows are zeroed first.
+
+    Uses ||x||^2 + ||y||^2 - 2 x.y at full float32 matmul precision (no TF32/bf16 passes),
+    clamped at 0 (rounding) and with an exact 0 diagonal.
+    """
+    x = jnp.where(mask[:, None], embeddings.astype(jnp.float32), 0.0)
+    sq_norms = jnp.sum(x * x, axis=1)
+    dots = jnp.dot(x, x.T, precision=jax.lax.Precision.HIGHEST)
+    sq = jnp.maximum(sq_norms[:, None] + sq_norms[None, :] - 2.0 * dots, 0.0)
+    return jnp.where(jnp.eye(x.shape[0], dtype=bool), 0.0, sq)
+
+
+def _safe_sqrt(sq):
+    """sqrt with a finite gradient at 0 (the miners' outputs are indices, but stay safe)."""
+    positive = sq > 0.0
+    return jnp.where(positive, jnp.sqrt(jnp.where(positive, sq, 1.0)), 0.0)
+
+
+def _pair_masks(labels, mask):
+    """[B, B] bool: (a, p) same class with p != a; (a, n) different class. Padded rows: False."""
+    both_real = mask[:, None] & mask[None, :]
+    same_class = labels[:, None] == labels[None, :]
+    not_self = ~jnp.eye(labels.shape[0], dtype=bool)
+    return both_real & same_class & not_self, both_real & ~same_class
+
+
+def _pair_slots(negative, valid):
+    """Flattens [B, B] per-(anchor, positive) choices into B * B slots, index a * B + p."""
+    num_rows = negative.shape[0]
+    rows = jnp.arange(num_rows, dtype=jnp.int32)
+    anchor = jnp.repeat(rows, num_rows)
+    positive = jnp.tile(rows, num_rows)
+    return _batch_triplets(anchor, positive, negative.reshape(-1), valid.reshape(-1))
+
+
+def _batch_triplets(anchor, positive, negative, valid):
+    """int32/bool ``BatchTriplets``; invalid slots point positive and negative at the anchor."""
+    anchor = anchor.astype(jnp.int32)
+    return BatchTriplets(
+        anchor=anchor,
+        positive=jnp.where(valid, positive.astype(jnp.int32), anchor),
+        negative=jnp.where(valid, negative.astype(jnp.int32), anchor),
+        valid=valid.astype(bool),
+    )
+
+
+# --------------------------------------------------------------------------- argument checks
+
+
+def _is_concrete(value) -> bool:
+    return not isinstance(value, jax.core.Tracer)
+
+
+def _prepare(embeddings, labels, mask):
+    """Checks (host-side when concrete) and converts the shared arguments.
+
+    Returns float32 embeddings [B, D], labels [B] (dense int32 ids when concrete) and a bool
+    mask [B] (all True when None).
+    """
+    if _is_concrete(embeddings):
+        embeddings = validation.as_embeddings(embeddings)
+    elif embeddings.ndim != 2:
+        raise ValueError(f"embeddings: expected a 2-D array [B, D], got shape {embeddings.shape}")
+    num_rows = embeddings.shape[0]
+    if _is_concrete(labels):
+        labels = validation.as_labels(labels, num_rows)
+        # Dense ids: int64 labels stay distinct even where jax works in int32.
+        labels = np.unique(labels, return_inverse=True)[1].reshape(-1).astype(np.int32)
+    elif labels.shape != (num_rows,) or not jnp.issubdtype(labels.dtype, jnp.integer):
+        raise ValueError(
+            f"labels: expected an integer array of shape ({num_rows},), "
+            f"got {labels.dtype} {labels.shape}")
+    if mask is None:
+        mask = np.ones(num_rows, dtype=bool)
+    else:
+        if _is_concrete(mask):
+            mask = np.asarray(mask)
+        shape, dtype = tuple(mask.shape), mask.dtype
+        if shape != (num_rows,) or dtype != np.dtype(bool):
+            raise ValueError(
+                f"mask: expected a bool array of shape ({num_rows},) (True for real rows), "
+                f"got {dtype} {shape}")
+    return jnp.asarray(embeddings), jnp.asarray(labels), jnp.asarray(mask)
+
+
+def _check_scalar(value, name: str, *, lower: float, strict: bool = False,
+                  allow_inf: bool = False) -> None:
+    """Concrete scalars only: a real number above `lower` (or at it unless strict)."""
+    if not _is_concrete(value):
+        return
+    if np.ndim(value) != 0 or isinstance(value, bool):
+        raise ValueError(f"{name}: expected a real scalar, got {value!r}")
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"{name}: expected a real scalar, got {value!r}") from None
+    bound_ok = number > lower if strict else number >= lower
+    finite_ok = math.isfinite(number) or (allow_inf and number == math.inf)
+    if not (bound_ok and finite_ok):
+        relation = ">" if strict else ">="
+        raise ValueError(
+            f"{name}: expected a {'' if allow_inf else 'finite '}number {relation} {lower}, "
+            f"got {value!r}")
