@@ -1,0 +1,385 @@
+"""Metric-learning losses: the ratio triplet and global losses of Smart Mining, and baselines.
+
+Smart Mining (Harwood et al., ICCV 2017) trains with the ratio triplet loss (Eq. 2) plus the
+global loss (Eq. 3); the comparison table's baselines use the FaceNet margin triplet loss, the
+lifted structured loss (Song et al., CVPR 2016) and the multi-class N-pair loss (Sohn, NIPS 2016).
+
+Conventions shared by every function here:
+
+* Pure and jit-compatible (static shapes, no host callbacks). Python-level options (``mask is
+  None``, ``use_global``, ``triplet_loss``) are static; numeric hyper-parameters may be traced.
+* Math in float32 whatever the input dtype (bf16 backbones included); outputs are float32.
+* ``mask`` (bool [B] or [N]) marks the valid rows of a padded batch. A masked row changes neither
+  the value nor the gradient, even if it holds NaN or inf: it is replaced by zeros *before* any
+  arithmetic (a ``where`` after the arithmetic would still leak ``0 * NaN = NaN`` into the
+  gradient). Per-row losses are 0 at masked rows; their gradient there is 0.
+* Plain (not squared) Euclidean distances go through one safe square root whose gradient is 0 at
+  distance 0 instead of infinite, so gradients are finite everywhere (duplicates included).
+* Argument checks look only at shapes, dtypes and concrete hyper-parameters, so they also work
+  on tracers inside ``jax.jit``; they raise ValueError naming the argument.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+# Smallest normal float32. Squared distances below it (distances < 1.1e-19) count as 0, so the
+# square root's derivative 1 / (2 sqrt(s)) stays finite even where denormals are flushed to zero.
+_SQRT_FLOOR = float(np.finfo(np.float32).tiny)
+
+# Stand-in for log(0) in log-sum-exp: finite, so nothing becomes inf - inf = NaN, and far below
+# any real logit, so exp(_EXCLUDED_LOGIT - real logit) is exactly 0 in float32.
+_EXCLUDED_LOGIT = -1e30
+
+_TRIPLET_LOSSES = ("ratio", "margin")
+
+
+# ----------------------------------------------------------------------------------------------
+# Argument checks (shape/dtype metadata only: valid for numpy arrays, jax arrays and tracers).
+# ----------------------------------------------------------------------------------------------
+
+
+def _dtype_of(value) -> np.dtype:
+    """The dtype of an array, tracer or nested list (bf16 included), without a device copy."""
+    dtype = getattr(value, "dtype", None)
+    return np.dtype(dtype) if dtype is not None else np.asarray(value).dtype
+
+
+def _check_matrix(value, name: str, num_rows: int | None = None, dim: int | None = None):
+    """Checks a real [N, D] array (N may be fixed by an earlier argument); returns its shape."""
+    shape = np.shape(value)
+    dtype = _dtype_of(value)
+    if len(shape) != 2:
+        raise ValueError(f"{name}: expected a 2-D array [N, D], got shape {tuple(shape)}")
+    if jnp.issubdtype(dtype, jnp.bool_) or not (
+        jnp.issubdtype(dtype, jnp.floating) or jnp.issubdtype(dtype, jnp.integer)
+    ):
+        raise ValueError(f"{name}: expected a real-valued array, got dtype {dtype}")
+    if num_rows is not None and (shape[0], shape[1]) != (num_rows, dim):
+        raise ValueError(
+            f"{name}: expected shape ({num_rows}, {dim}) to match the first argument, "
+            f"got {tuple(shape)}")
+    return shape
+
+
+def _check_vector(value, name: str, num_rows: int, *, kind: str):
+    """Checks a [N] array of bool (`kind="bool"`) or integer (`kind="int"`) entries."""
+    shape = np.shape(value)
+    dtype = _dtype_of(value)
+    if len(shape) != 1 or shape[0] != num_rows:
+        raise ValueError(
+            f"{name}: expected a 1-D array of {num_rows} entries (one per row), "
+            f"got shape {tuple(shape)}")
+    is_bool = jnp.issubdtype(dtype, jnp.bool_)
+    if kind == "bool" and not is_bool:
+        raise ValueError(f"{name}: expected a boolean array, got dtype {dtype}")
+    if kind == "int" and (is_bool or not jnp.issubdtype(dtype, jnp.integer)):
+        raise ValueError(f"{name}: expected integer class labels, got dtype {dtype}")
+
+
+def _check_scalar(value, name: str, *, minimum: float | None = None, strict: bool = False):
+    """Checks a concrete hyper-parameter is a finite real >= (or >) `minimum`; skips tracers."""
+    if isinstance(value, jax.core.Tracer):
+        return
+    if np.ndim(value) != 0:
+        raise ValueError(f"{name}: expected a scalar, got shape {np.shape(value)}")
+    number = float(value)
+    bound_broken = minimum is not None and (number <= minimum if strict else number < minimum)
+    if not np.isfinite(number) or bound_broken:
+        bound = "" if minimum is None else f" {'>' if strict else '>='} {minimum}"
+        raise ValueError(f"{name}: expected a finite number{bound}, got {value!r}")
+
+
+# ----------------------------------------------------------------------------------------------
+# Shared building blocks.
+# ----------------------------------------------------------------------------------------------
+
+
+def _select_rows(mask, *arrays):
+    """Float32 copies of `arrays` with masked rows zeroed before any arithmetic; plus validity.
+
+    Returns (valid f32[N] of 0/1, *arrays as f32). With `mask=None` every row is valid.
+    """
+    arrays = tuple(jnp.asarray(x).astype(jnp.float32) for x in arrays)
+    num_rows = arrays[0].shape[0]
+    if mask is None:
+        return (jnp.ones((num_rows,), jnp.float32), *arrays)
+    mask = jnp.asarray(mask)
+    selected = tuple(jnp.where(mask[:, None], x, 0.0) for x in arrays)
+    return (mask.astype(jnp.float32), *selected)
+
+
+def _safe_sqrt(squared):
+    """sqrt(s) with a finite gradient everywhere: 0 (value and gradient) for s below float32's
+    smallest normal. The "double where" keeps the untaken branch's infinite derivative out of the
+    gradient."""
+    positive = squared > _SQRT_FLOOR
+    safe = jnp.where(positive, squared, 1.0)
+    return jnp.where(positive, jnp.sqrt(safe), 0.0)
+
+
+def _row_sq_dists(x, y):
+    """||x_i - y_i||^2 per row, from the differences (exactly 0 for identical rows)."""
+    difference = x - y
+    return jnp.sum(difference * difference, axis=-1)
+
+
+def _prepare_triplets(anchor, positive, negative, mask):
+    """Checks a triplet batch and returns (valid f32[B], ||a-p||^2 f32[B], ||a-n||^2 f32[B])."""
+    num_rows, dim = _check_matrix(anchor, "anchor")
+    _check_matrix(positive, "positive", num_rows, dim)
+    _check_matrix(negative, "negative", num_rows, dim)
+    if mask is not None:
+        _check_vector(mask, "mask", num_rows, kind="bool")
+    valid, anchor, positive, negative = _select_rows(mask, anchor, positive, negative)
+    return valid, _row_sq_dists(anchor, positive), _row_sq_dists(anchor, negative)
+
+
+def _zero_invalid(per_row, valid):
+    """Per-row loss with masked rows set to 0 (inputs were already zeroed, so no NaN to leak)."""
+    return jnp.where(valid > 0, per_row, 0.0)
+
+
+def _ratio_from_sq(sq_pos, sq_neg, margin):
+    """Eq. 2 of Harwood et al.: max(0, 1 - d(a,n) / (d(a,p) + m)), plain distances."""
+    return jax.nn.relu(1.0 - _safe_sqrt(sq_neg) / (_safe_sqrt(sq_pos) + margin))
+
+
+def _margin_from_sq(sq_pos, sq_neg, margin):
+    """FaceNet (Schroff et al. 2015): max(0, ||a-p||^2 - ||a-n||^2 + m), squared distances."""
+    return jax.nn.relu(sq_pos - sq_neg + margin)
+
+
+def _masked_mean(values, valid):
+    """Mean over the valid entries; 0 (with zero gradient) when there is none."""
+    count = jnp.sum(valid)
+    return jnp.sum(values * valid) / jnp.maximum(count, 1.0)
+
+
+def _global_terms(sq_pos, sq_neg, valid, margin, weight):
+    """Eq. 3 of Harwood et al. and the statistics it is built from.
+
+    d+ = ||a-p||^2 / 4, d- = ||a-n||^2 / 4 (each in [0, 1] for unit vectors); population (1/N)
+    means and variances over the valid triplets (two-pass variance, not E[x^2] - E[x]^2);
+    J_g = (var+ + var-) + weight * max(0, mu+ - mu- + margin). No valid triplet: every term 0.
+    Returns (J_g, dict with mu_pos, mu_neg, var_pos, var_neg, num_valid).
+    """
+    d_pos = sq_pos / 4.0
+    d_neg = sq_neg / 4.0
+    mu_pos = _masked_mean(d_pos, valid)
+    mu_neg = _masked_mean(d_neg, valid)
+    var_pos = _masked_mean(jnp.square(d_pos - mu_pos), valid)
+    var_neg = _masked_mean(jnp.square(d_neg - mu_neg), valid)
+    num_valid = jnp.sum(valid)
+    hinge = jnp.where(num_valid > 0, jax.nn.relu(mu_pos - mu_neg + margin), 0.0)
+    value = (var_pos + var_neg) + weight * hinge
+    stats = {"mu_pos": mu_pos, "mu_neg": mu_neg, "var_pos": var_pos, "var_neg": var_neg,
+             "num_valid": num_valid}
+    return value, stats
+
+
+# ----------------------------------------------------------------------------------------------
+# Public losses.
+# ----------------------------------------------------------------------------------------------
+
+
+def triplet_ratio_loss(anchor, positive, negative, *, margin=0.2, mask=None):
+    """Ratio triplet loss of Smart Mining (Harwood et al. 2017, Eq. 2), one value per triplet.
+
+    J_t = max(0, 1 - ||a-n|| / (||a-p|| + margin)) with plain Euclidean distances; it is zero iff
+    ||a-n|| >= ||a-p|| + margin. `margin` must be > 0 (it keeps the ratio finite at a = p).
+
+    Args:
+      anchor, positive, negative: [B, D] real arrays (any float dtype; math in float32).
+      margin: m of Eq. 2.
+      mask: optional bool [B]; False rows get loss 0 and no gradient, whatever they hold.
+
+    Returns:
+      f32[B].
+    """
+    _check_scalar(margin, "margin", minimum=0.0, strict=True)
+    valid, sq_pos, sq_neg = _prepare_triplets(anchor, positive, negative, mask)
+    return _zero_invalid(_ratio_from_sq(sq_pos, sq_neg, margin), valid)
+
+
+def triplet_margin_loss(anchor, positive, negative, *, margin=0.2, mask=None):
+    """FaceNet triplet loss (Schroff et al. 2015), one value per triplet.
+
+    max(0, ||a-p||^2 - ||a-n||^2 + margin), squared Euclidean distances (the semi-hard baseline).
+
+    Args:
+      anchor, positive, negative: [B, D] real arrays (any float dtype; math in float32).
+      margin: alpha of FaceNet.
+      mask: optional bool [B]; False rows get loss 0 and no gradient, whatever they hold.
+
+    Returns:
+      f32[B].
+    """
+    _check_scalar(margin, "margin")
+    valid, sq_pos, sq_neg = _prepare_triplets(anchor, positive, negative, mask)
+    return _zero_invalid(_margin_from_sq(sq_pos, sq_neg, margin), valid)
+
+
+def global_loss(anchor, positive, negative, *, margin=0.01, weight=0.8, mask=None):
+    """Global loss of Smart Mining (Harwood et al. 2017, Eq. 3) over a batch of triplets.
+
+    With d+ = ||a-p||^2 / 4 and d- = ||a-n||^2 / 4 and population (1/N) statistics over the
+    valid triplets: J_g = (var+ + var-) + weight * max(0, mu+ - mu- + margin).
+    A batch with no valid triplet gives 0 with a zero gradient.
+
+    Args:
+      anchor, positive, negative: [B, D] real arrays (any float dtype; math in float32).
+      margin: t of Eq. 3.
+      weight: lambda of Eq. 3 (>= 0).
+      mask: optional bool [B]; False rows count in no statistic, whatever they hold.
+
+    Returns:
+      f32[] scalar.
+    """
+    _check_scalar(margin, "margin")
+    _check_scalar(weight, "weight", minimum=0.0)
+    valid, sq_pos, sq_neg = _prepare_triplets(anchor, positive, negative, mask)
+    value, _ = _global_terms(sq_pos, sq_neg, valid, margin, weight)
+    return value
+
+
+def triplet_objective(anchor, positive, negative, *, mask=None, margin=0.2, global_margin=0.01,
+                      global_weight=0.8, use_global=True, triplet_loss="ratio"):
+    """Training objective of SPEC §1: mean over valid triplets of J_t, plus J_g (Eq. 3).
+
+    Args:
+      anchor, positive, negative: [B, D] real arrays (any float dtype; math in float32).
+      mask: optional bool [B] of valid (non-padding) triplets.
+      margin: margin of the per-triplet loss.
+      global_margin, global_weight: t and lambda of the global loss.
+      use_global: add J_g to the loss (static).
+      triplet_loss: "ratio" (Eq. 2, plain distances) or "margin" (FaceNet, squared) (static).
+
+    Returns:
+      (loss, aux): loss is f32[]; aux is a dict of f32[] scalars: ``loss``, ``triplet_loss``
+      (mean J_t over valid triplets), ``global_loss`` (J_g, reported even when ``use_global`` is
+      False, then not part of ``loss``), ``training_error`` (fraction of valid triplets with
+      J_t > 0: the controller's signal), ``mu_pos``, ``mu_neg``, ``var_pos``, ``var_neg``
+      (the global loss statistics, squared distances / 4) and ``num_valid``.
+      Every entry is 0 when no triplet is valid.
+    """
+    if triplet_loss not in _TRIPLET_LOSSES:
+        raise ValueError(
+            f"triplet_loss: expected one of {_TRIPLET_LOSSES}, got {triplet_loss!r}")
+    if triplet_loss == "ratio":
+        _check_scalar(margin, "margin", minimum=0.0, strict=True)
+    else:
+        _check_scalar(margin, "margin")
+    _check_scalar(global_margin, "global_margin")
+    _check_scalar(global_weight, "global_weight", minimum=0.0)
+    valid, sq_pos, sq_neg = _prepare_triplets(anchor, positive, negative, mask)
+    per_triplet_fn = _ratio_from_sq if triplet_loss == "ratio" else _margin_from_sq
+    per_triplet = _zero_invalid(per_triplet_fn(sq_pos, sq_neg, margin), valid)
+    mean_triplet = _masked_mean(per_triplet, valid)
+    global_value, stats = _global_terms(sq_pos, sq_neg, valid, global_margin, global_weight)
+    loss = mean_triplet + global_value if use_global else mean_triplet
+    violating = (per_triplet > 0).astype(jnp.float32)
+    aux = {
+        "loss": loss,
+        "triplet_loss": mean_triplet,
+        "global_loss": global_value,
+        "training_error": _masked_mean(violating, valid),
+        **stats,
+    }
+    return loss, aux
+
+
+def _pairwise_sq_dists(x):
+    """[N, N] squared distances from explicit differences: exactly 0 for duplicate rows (the
+    expanded ||x||^2 + ||y||^2 - 2 x.y form leaves ~1e-7 residues, i.e. distances ~3e-4)."""
+    return _row_sq_dists(x[:, None, :], x[None, :, :])
+
+
+def lifted_structure_loss(embeddings, labels, *, margin=1.0, mask=None):
+    """Lifted structured loss (Song et al., CVPR 2016, Eq. 4: the smooth upper bound).
+
+    With plain distances D_ij and P the unordered positive pairs {i, j}, i < j, y_i = y_j:
+
+        J_ij = log(sum_{k: y_k != y_i} exp(margin - D_ik) + sum_{l: y_l != y_j} exp(margin - D_jl))
+               + D_ij
+        loss = sum_{(i,j) in P} max(0, J_ij)^2 / (2 |P|)
+
+    Normalisation: 2|P| with |P| the number of unordered valid positive pairs. The log-sum-exp is
+    evaluated stably (per row, then log-add-exp of the two rows). A pair with no negative at all
+    has log(0) = -inf, so J_ij contributes 0; a batch without positive pair gives 0. Memory is
+    O(N^2 D) (distances from explicit differences, exact for duplicates).
+
+    Args:
+      embeddings: [N, D] real array (any float dtype; math in float32).
+      labels: [N] integer class labels.
+      margin: alpha of Eq. 4.
+      mask: optional bool [N]; False rows are neither anchors, positives nor negatives.
+
+    Returns:
+      f32[] scalar.
+    """
+    num_rows, _ = _check_matrix(embeddings, "embeddings")
+    _check_vector(labels, "labels", num_rows, kind="int")
+    if mask is not None:
+        _check_vector(mask, "mask", num_rows, kind="bool")
+    _check_scalar(margin, "margin")
+    valid, embeddings = _select_rows(mask, embeddings)
+    labels = jnp.asarray(labels)
+    valid_pair = (valid[:, None] * valid[None, :]) > 0
+    same = labels[:, None] == labels[None, :]
+    negative_pair = valid_pair & ~same
+    upper = jnp.triu(jnp.ones((num_rows, num_rows), bool), k=1)
+    positive_pair = valid_pair & same & upper
+
+    distances = _safe_sqrt(_pairwise_sq_dists(embeddings))
+    logits = jnp.where(negative_pair, margin - distances, _EXCLUDED_LOGIT)
+    row_lse = jax.nn.logsumexp(logits, axis=1)  # _EXCLUDED_LOGIT + log N when no negative
+    pair_loss = jnp.logaddexp(row_lse[:, None], row_lse[None, :]) + distances
+    pair_loss = jnp.where(positive_pair, jnp.square(jax.nn.relu(pair_loss)), 0.0)
+    num_positive_pairs = jnp.sum(positive_pair.astype(jnp.float32))
+    return jnp.sum(pair_loss) / (2.0 * jnp.maximum(num_positive_pairs, 1.0))
+
+
+def npairs_loss(anchors, positives, *, l2_reg=0.002, labels=None, mask=None):
+    """Multi-class N-pair loss (Sohn, NIPS 2016), in TensorFlow's ``npairs_loss`` convention.
+
+    logits = anchors @ positives^T; softmax cross-entropy of each anchor row against a target
+    that is the diagonal (its own positive) or, when `labels` is given, uniform over the columns
+    whose label equals the row's (as TF Addons / tf.contrib ``npairs_loss``); mean over rows.
+    Plus the embedding penalty of the TF implementation:
+    ``l2_reg * 0.25 * (mean_i ||a_i||^2 + mean_i ||p_i||^2)``.
+
+    Args:
+      anchors, positives: [B, D] real arrays; row i of each is a pair of the same class.
+      l2_reg: weight of the embedding penalty (>= 0).
+      labels: optional [B] integer labels of the pairs (several pairs may share a class).
+      mask: optional bool [B]; a False pair is neither a row nor a column (negative) and takes no
+        part in the means.
+
+    Returns:
+      f32[] scalar (0 when no pair is valid).
+    """
+    num_rows, dim = _check_matrix(anchors, "anchors")
+    _check_matrix(positives, "positives", num_rows, dim)
+    if labels is not None:
+        _check_vector(labels, "labels", num_rows, kind="int")
+    if mask is not None:
+        _check_vector(mask, "mask", num_rows, kind="bool")
+    _check_scalar(l2_reg, "l2_reg", minimum=0.0)
+    valid, anchors, positives = _select_rows(mask, anchors, positives)
+    is_valid = valid > 0
+    logits = jnp.dot(anchors, positives.T, precision=jax.lax.Precision.HIGHEST)
+    logits = jnp.where(is_valid[None, :], logits, _EXCLUDED_LOGIT)
+    if labels is None:
+        target = jnp.eye(num_rows, dtype=jnp.float32)
+    else:
+        labels = jnp.asarray(labels)
+        target = (labels[:, None] == labels[None, :]).astype(jnp.float32)
+    target = target * valid[None, :]  # the diagonal keeps every valid row's target non-empty
+    target = target / jnp.maximum(jnp.sum(target, axis=1, keepdims=True), 1.0)
+    cross_entropy = -jnp.sum(target * jax.nn.log_softmax(logits, axis=1), axis=1)
+    penalty = 0.25 * (_masked_mean(jnp.sum(anchors * anchors, axis=1), valid)
+                      + _masked_mean(jnp.sum(positives * positives, axis=1), valid))
+    return _masked_mean(cross_entropy, valid) + l2_reg * penalty
