@@ -47,16 +47,7 @@ def exact_neighbours(embeddings, k: int, *, query_ids=None, chunk_size: int | No
     database = validation.as_embeddings(embeddings)
     num_rows = database.shape[0]
     k = validation.check_k(k, num_rows)
-    if query_ids is None:
-        query_ids = np.arange(num_rows, dtype=np.int32)
-    else:
-        query_ids = np.asarray(query_ids)
-        if query_ids.ndim != 1 or not np.issubdtype(query_ids.dtype, np.integer):
-            raise ValueError(
-                f"query_ids: expected a 1-D integer array, got {query_ids.dtype} {query_ids.shape}")
-        if query_ids.size and (query_ids.min() < 0 or query_ids.max() >= num_rows):
-            raise ValueError(f"query_ids: every id must lie in [0, {num_rows - 1}]")
-        query_ids = query_ids.astype(np.int32)
+    query_ids = validation.as_query_ids(query_ids, num_rows)
     num_queries = query_ids.shape[0]
     if num_queries == 0:
         return jnp.zeros((0, k), jnp.int32), jnp.zeros((0, k), jnp.float32)

@@ -11,13 +11,17 @@ import numpy as np
 
 
 def as_embeddings(
-    embeddings, name: str = "embeddings", *, allow_nonfinite: bool = False
+    embeddings, name: str = "embeddings", *, allow_nonfinite: bool = False,
+    allow_empty: bool = False,
 ) -> np.ndarray:
-    """Returns `embeddings` as a float32 [N, D] host array, or raises ValueError naming `name`."""
+    """Returns `embeddings` as a float32 [N, D] host array, or raises ValueError naming `name`.
+
+    N = 0 rows is refused unless `allow_empty` (e.g. a process with no samples of its own).
+    """
     array = np.asarray(embeddings)
     if array.ndim != 2:
         raise ValueError(f"{name}: expected a 2-D array [N, D], got shape {array.shape}")
-    if array.shape[0] == 0 or array.shape[1] == 0:
+    if (array.shape[0] == 0 and not allow_empty) or array.shape[1] == 0:
         raise ValueError(f"{name}: expected a non-empty array [N, D], got shape {array.shape}")
     if not (np.issubdtype(array.dtype, np.floating) or np.issubdtype(array.dtype, np.integer)):
         raise ValueError(f"{name}: expected a real-valued array, got dtype {array.dtype}")
@@ -63,3 +67,15 @@ def check_k(k, num_rows: int, name: str = "k") -> int:
             f"{name}={k} must satisfy 1 <= {name} <= N - 1 = {num_rows - 1}: each of the "
             f"N = {num_rows} rows has only N - 1 other rows to be its neighbours")
     return k
+
+
+def as_query_ids(query_ids, num_rows: int, name: str = "query_ids") -> np.ndarray:
+    """Returns the row ids to search for as int32 [Q] (None: all N rows), or raises ValueError."""
+    if query_ids is None:
+        return np.arange(num_rows, dtype=np.int32)
+    array = np.asarray(query_ids)
+    if array.ndim != 1 or not (array.size == 0 or np.issubdtype(array.dtype, np.integer)):
+        raise ValueError(f"{name}: expected a 1-D integer array, got {array.dtype} {array.shape}")
+    if array.size and (array.min() < 0 or array.max() >= num_rows):
+        raise ValueError(f"{name}: every id must lie in [0, {num_rows - 1}]")
+    return array.astype(np.int32)

@@ -11,7 +11,7 @@ from smine_jax import knn
 
 
 def reference_neighbours(x: np.ndarray, k: int, query_ids=None):
-    """Full float64 distance matrix, self by index set to inf, stable argsort (lower index first)."""
+    """Full float64 distance matrix, self set to inf by index, stable argsort."""
     x = x.astype(np.float64)
     sq = ((x[:, None, :] - x[None, :, :]) ** 2).sum(-1)
     np.fill_diagonal(sq, np.inf)
@@ -84,7 +84,8 @@ def test_nan_rows_are_counted():
     x = np.random.default_rng(0).normal(size=(10, 3)).astype(np.float32)
     x[3, 1] = np.nan
     x[7, 0] = np.inf
-    with pytest.raises(ValueError, match=r"embeddings: 2 of 10 rows contain NaN or inf \(first: row 3\)"):
+    expected = r"embeddings: 2 of 10 rows contain NaN or inf \(first: row 3\)"
+    with pytest.raises(ValueError, match=expected):
         knn.exact_neighbours(x, 2)
 
 
