@@ -1,0 +1,235 @@
+"""Datasets: sources, the decoded image cache, batches and on-device augmentation.
+
+Entry points for training code:
+
+    split = data.load(config.data, split="train")   # ImageSplit: images (memmap), labels, ...
+    train_fn, eval_fn = data.preprocessors(config.data)   # call inside the jitted step
+    batch = train_fn(key, data.device_batch(split.images, ids))
+
+The `config.data` section (an `ml_collections.ConfigDict`; `default_config()` gives one):
+
+    name            "cub" | "cars196" | "omniglot" | "folder" (any class-folder tree);
+                    aliases "cub200", "caltech_birds2011", "cars".
+    source          "tfds" | "folder" | "" (default: "folder" when `dir` is set, else "tfds";
+                    always "folder" for omniglot and folder). Omniglot with no `dir` is
+                    downloaded once into `cache_dir` (~15 MB).
+    dir             the dataset folder (e.g. CUB_200_2011/, the folder with cars_annos.mat, the
+                    one with images_background/ and images_evaluation/) or its parent; for
+                    source "tfds", the tfds data_dir ("" = the tfds default).
+    strict_counts   True: CUB must give 5,864 / 5,924 train / test images, Cars 8,054 / 8,131,
+                    Omniglot 19,280 / 13,180, else the run stops; False: the counts are logged.
+    image_size      S of the cache, uint8 [N, S, S, C]; images squashed to S × S (SPEC §4: 256).
+    crop_size       random crop (training) and centre crop (evaluation); 227 (224 for the
+                    torchvision-layout GoogLeNet).
+    channels        3 (grey and palette images become RGB) or 1 (colour becomes luminance).
+    flip            random horizontal flip in training.
+    cache_dir       where caches and downloads go ("" = $SMINE_JAX_CACHE or ~/.cache/smine_jax).
+    mean, std       normalisation (x / 255 - mean) / std, [0, 1] units, 1 or C values
+                    (default: ImageNet statistics).
+    split_dirs      class folders only: (train_subfolder, test_subfolder); () = cut the sorted
+                    class list at `train_fraction` (first classes train).
+    train_fraction  see split_dirs (default 0.5, as CUB and Cars split their classes in half).
+    download_url    base URL of the Omniglot archives (tests point it at a local server).
+    num_workers     decoding threads for the cache build (0 = number of CPUs).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import logging
+import os
+from pathlib import Path
+
+import numpy as np
+
+from smine_jax.data import sources
+from smine_jax.data.cache import cache_key, cache_path, cached_images
+from smine_jax.data.pipeline import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    InferenceBatch,
+    augment,
+    center_crop,
+    device_batch,
+    gather,
+    inference_batches,
+    m_per_class_batches,
+    normalise,
+    prefetch_batches,
+    random_crop_flip,
+)
+from smine_jax.data.sources import (
+    Dataset,
+    ImageReadError,
+    cars_folder,
+    check_official_counts,
+    class_folders,
+    cub_folder,
+    download_omniglot,
+    omniglot_folder,
+    tfds_dataset,
+)
+
+__all__ = [
+    "Dataset", "ImageReadError", "ImageSplit", "InferenceBatch", "augment", "build_dataset",
+    "cache_key", "cache_path", "cached_images", "cars_folder", "center_crop",
+    "check_official_counts", "class_folders", "cub_folder", "default_config", "device_batch",
+    "download_omniglot", "gather", "inference_batches", "load", "m_per_class_batches",
+    "normalise", "omniglot_folder", "prefetch_batches", "preprocessors", "random_crop_flip",
+    "resolve_config", "tfds_dataset",
+]
+
+logger = logging.getLogger(__name__)
+
+DEFAULTS = {
+    "name": "cub", "source": "", "dir": "", "strict_counts": True, "image_size": 256,
+    "crop_size": 227, "channels": 3, "flip": True, "cache_dir": "", "mean": IMAGENET_MEAN,
+    "std": IMAGENET_STD, "split_dirs": (), "train_fraction": 0.5,
+    "download_url": sources.OMNIGLOT_URL, "num_workers": 0,
+}
+_ALIASES = {"cub200": "cub", "caltech_birds2011": "cub", "cars": "cars196"}
+_NAMES = ("cub", "cars196", "omniglot", "folder")
+
+
+def default_config():
+    """A `config.data` ConfigDict with every field at its default."""
+    import ml_collections
+
+    return ml_collections.ConfigDict(dict(DEFAULTS))
+
+
+def resolve_config(config_data) -> dict:
+    """The data fields as a plain dict: defaults filled in, name and source resolved, checked.
+
+    Raises ValueError naming `data.<field>` for an unknown field or a bad value.
+    """
+    given = dict(config_data.items()) if hasattr(config_data, "items") else dict(config_data)
+    unknown = sorted(set(given) - set(DEFAULTS))
+    if unknown:
+        raise ValueError(f"config.data: unknown fields {unknown}; known: {sorted(DEFAULTS)}")
+    cfg = {**DEFAULTS, **{k: v for k, v in given.items() if v is not None}}
+    name = _ALIASES.get(str(cfg["name"]).lower(), str(cfg["name"]).lower())
+    if name not in _NAMES:
+        raise ValueError(f"data.name={cfg['name']!r}: expected one of {_NAMES} "
+                         f"(or an alias: {sorted(_ALIASES)})")
+    cfg["name"] = name
+    cfg["dir"] = str(cfg["dir"] or "")
+    if not cfg["source"]:
+        only_folders = name not in sources.TFDS_NAMES  # Omniglot: downloaded into a folder
+        cfg["source"] = "folder" if cfg["dir"] or only_folders else "tfds"
+    if cfg["source"] not in ("tfds", "folder"):
+        raise ValueError(f"data.source={cfg['source']!r}: expected 'tfds', 'folder' or ''")
+    if cfg["source"] == "tfds" and name not in sources.TFDS_NAMES:
+        raise ValueError(f"data.source='tfds': only {sorted(sources.TFDS_NAMES)} come from "
+                         f"tfds; {name!r} is read from folders (source 'folder')")
+    for field, minimum in (("image_size", 1), ("crop_size", 1), ("num_workers", 0)):
+        value = cfg[field]
+        if isinstance(value, bool) or int(value) != value or value < minimum:
+            raise ValueError(f"data.{field}: expected an integer >= {minimum}, got {value!r}")
+        cfg[field] = int(value)
+    if cfg["crop_size"] > cfg["image_size"]:
+        raise ValueError(f"data.crop_size={cfg['crop_size']}: larger than data.image_size="
+                         f"{cfg['image_size']}")
+    if cfg["channels"] not in (1, 3) or isinstance(cfg["channels"], bool):
+        raise ValueError(f"data.channels: expected 1 or 3, got {cfg['channels']!r}")
+    for field in ("mean", "std"):
+        values = tuple(float(v) for v in np.atleast_1d(cfg[field]))
+        if len(values) not in (1, cfg["channels"]):
+            raise ValueError(f"data.{field}: expected 1 or {cfg['channels']} values (one per "
+                             f"channel), got {len(values)}")
+        cfg[field] = values
+    if min(cfg["std"]) <= 0:
+        raise ValueError(f"data.std: expected positive values, got {cfg['std']}")
+    cfg["split_dirs"] = tuple(cfg["split_dirs"] or ())
+    cfg["cache_dir"] = str(Path(cfg["cache_dir"] or os.environ.get(
+        "SMINE_JAX_CACHE", "~/.cache/smine_jax")).expanduser())
+    return cfg
+
+
+def build_dataset(config_data, *, progress: bool = True) -> Dataset:
+    """The full record (both splits) that `config_data` names, official counts checked."""
+    cfg = resolve_config(config_data)
+    name, directory = cfg["name"], cfg["dir"]
+    if cfg["source"] == "folder" and not directory and name != "omniglot":
+        raise ValueError(f"data.dir: source 'folder' needs the {name} directory "
+                         "(--config.data.dir=PATH)")
+    if name == "omniglot":
+        root = directory or sources.download_omniglot(cfg["cache_dir"],
+                                                      base_url=cfg["download_url"])
+        dataset = sources.omniglot_folder(root)
+    elif cfg["source"] == "tfds":
+        dataset = sources.tfds_dataset(name, data_dir=directory or None,
+                                       cache_dir=cfg["cache_dir"], progress=progress,
+                                       num_workers=cfg["num_workers"] or None)
+    elif name == "cub":
+        dataset = sources.cub_folder(directory)
+    elif name == "cars196":
+        dataset = sources.cars_folder(directory)
+    else:
+        dataset = sources.class_folders(directory, split_dirs=cfg["split_dirs"],
+                                        train_fraction=cfg["train_fraction"])
+    counts = sources.check_official_counts(dataset, strict=cfg["strict_counts"])
+    logger.info("%s (%s, %s): %d train / %d test images, %d classes", dataset.name,
+                dataset.source, dataset.root, counts["train"], counts["test"],
+                dataset.num_classes)
+    return dataset
+
+
+def preprocessors(config_data):
+    """(train_fn(key, images), eval_fn(images)) with the configured crop, flip, mean and std.
+
+    Both are pure functions of uint8 [B, S, S, C] batches, to call inside the jitted step.
+    """
+    cfg = resolve_config(config_data)
+    common = dict(crop_size=cfg["crop_size"], mean=cfg["mean"], std=cfg["std"])
+    return (functools.partial(augment, flip=bool(cfg["flip"]), **common),
+            functools.partial(center_crop, **common))
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class ImageSplit:
+    """One split, ready for training or evaluation.
+
+    Attributes:
+      dataset: the split's record (sample id i = row i; labels 0..C_split-1).
+      images: read-only memory-mapped uint8 [N, S, S, C] cache, row i = sample i.
+      counts: train / test image counts of the whole dataset (for the log and the workdir).
+    """
+
+    dataset: Dataset
+    images: np.ndarray
+    counts: dict
+
+    @property
+    def labels(self) -> np.ndarray:
+        return self.dataset.labels
+
+    @property
+    def class_names(self) -> tuple[str, ...]:
+        return self.dataset.class_names
+
+    @property
+    def num_classes(self) -> int:
+        return self.dataset.num_classes
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+
+def load(config_data, *, split: str, dataset: Dataset | None = None,
+         progress: bool = True) -> ImageSplit:
+    """The `split` ("train" or "test") of the configured dataset with its image cache.
+
+    Pass `dataset` (from `build_dataset`) to load both splits without listing the data twice.
+    The cache is built on first use (decoded once, in parallel) and reused afterwards.
+    """
+    cfg = resolve_config(config_data)
+    if split not in ("train", "test"):
+        raise ValueError(f"split: expected 'train' or 'test', got {split!r}")
+    full = dataset if dataset is not None else build_dataset(config_data, progress=progress)
+    part = full.subset(split)
+    images = cached_images(part, cfg["cache_dir"], image_size=cfg["image_size"],
+                           channels=cfg["channels"], num_workers=cfg["num_workers"] or None,
+                           progress=progress)
+    return ImageSplit(dataset=part, images=images, counts=full.counts())
