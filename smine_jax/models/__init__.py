@@ -1,0 +1,472 @@
+"""Backbones + embedding head (SPEC §1, §4): f(x) = L2-normalised linear map of backbone features.
+
+    model = build_model(config.model)                   # EmbeddingModel
+    variables = init_variables(model, key, (1, 224, 224, 3), config.model)  # + init_from
+    emb = model.apply(variables, images)                # eval: f32 [N, 64], unit rows
+    emb, updates = model.apply(variables, images, train=True, mutable=["batch_stats"])
+    tx = optax.multi_transform({"backbone": sgd(lr), "head": sgd(10 * lr)},
+                               param_labels(variables["params"]))
+
+Backbones (NHWC float images, already normalised by the data pipeline):
+  googlenet   GoogLeNet / Inception-v1, torchvision layout, batch norm (``googlenet.py``)
+  resnet50    ResNet-50, torchvision layout, v1.5 (``resnet.py``)
+  small_conv  ``depth`` × [conv 3×3 + BN + ReLU + max pool 2×2] for CPU work (``small.py``)
+
+**Flax API: Linen.** The trainer is functional — a TrainState pytree goes through ``jax.jit``,
+orbax saves it, ``NamedSharding`` places it, ``optax.multi_transform`` labels its parameters by
+path. Linen keeps the state outside the module: ``init`` returns a plain nested dict
+``{"params", "batch_stats"}`` and ``apply`` is a pure function of (variables, images), which is
+exactly what those four consume, with no conversion at the jit boundary; the dict paths are
+also the weight-file keys and map one-to-one onto torchvision's state-dict keys. NNX (Flax's
+newer, object-oriented API) keeps parameters and batch statistics inside mutable Python
+objects; a functional trainer must ``nnx.split`` / ``nnx.merge`` them around every jitted step
+(or move to ``nnx.jit`` and its own state tracking), which buys nothing here: the models are
+fixed architectures, with no in-place surgery or Python-side state. Linen is maintained in
+Flax 0.12 and is what flax's ``examples/imagenet`` and big_vision use.
+
+**Parameters and dtype.** Parameters, batch statistics, the head and the embedding are float32;
+``dtype="bfloat16"`` only sets the backbone's activation/compute dtype (batch-norm reductions
+stay float32). The head is the only new layer (``params/head``); the L2 normalisation is safe:
+a zero feature vector gives a zero embedding and finite gradients, never NaN.
+
+**Weight files** (``.npz``: numpy's zip of ``.npy`` arrays; ``save_npz`` and issue 8's converter
+write them, ``load_pretrained`` reads them). One array per leaf, keyed
+``"<collection>/<module path>/<leaf>"`` with "/" separators, collection ``params`` or
+``batch_stats``, Flax layouts and float32: e.g. ``params/conv1/conv/kernel`` [kh, kw, in, out],
+``params/conv1/bn/scale``, ``batch_stats/conv1/bn/mean``, ``params/fc/kernel`` [in, out]. The
+module path is relative to the backbone (a converter's output, possibly with the ImageNet
+classifier ``fc``) or to the whole EmbeddingModel (``params/backbone/...``, ``params/head/...``:
+what ``save_npz`` writes for a model's variables); both load. No other keys.
+
+**torchvision keys** (``torchvision_key``): a path component ``<name>_<i>`` is the slot ``i`` of
+a ``torch.nn.Sequential`` (``branch2_0`` ↔ ``branch2.0``, ``layer1_0`` ↔ ``layer1.0``,
+``downsample_1`` ↔ ``downsample.1``); components are joined with "."; leaves ``kernel`` /
+``scale`` ↔ ``weight``, ``bias`` ↔ ``bias``, batch-stats ``mean`` / ``var`` ↔ ``running_mean``
+/ ``running_var``. Conv kernels transpose [kh, kw, in, out] ↔ [out, in, kh, kw], dense kernels
+[in, out] ↔ [out, in]; ``num_batches_tracked`` and GoogLeNet's ``aux1`` / ``aux2`` have no
+counterpart.
+
+Config (``config.model``, see ``default_config``): ``name``, ``embedding_dim`` (64), ``dtype``
+("float32" | "bfloat16"), ``init_from`` (weight file or None), ``allow_missing`` /
+``allow_unexpected``; googlenet: ``transform_input`` (True), ``dropout_rate`` (0.0); small_conv:
+``width`` (64), ``depth`` (4), ``pooling`` ("avg"). Fields of another architecture are ignored
+(so ``--config.model.name=...`` can switch architecture); unknown fields are an error.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import re
+import tempfile
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import traverse_util
+
+from smine_jax.data.pipeline import IMAGENET_MEAN, IMAGENET_STD
+from smine_jax.models.googlenet import GoogLeNet
+from smine_jax.models.resnet import ResNet50
+from smine_jax.models.small import POOLINGS, SmallConvNet
+
+__all__ = [
+    "EmbeddingModel", "GoogLeNet", "ModelSpec", "ResNet50", "SmallConvNet", "build_model",
+    "default_config", "init_variables", "l2_normalise", "load_npz", "load_pretrained",
+    "model_spec", "param_labels", "save_npz", "torchvision_key",
+]
+
+logger = logging.getLogger(__name__)
+
+NAMES = ("googlenet", "resnet50", "small_conv")
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+COLLECTIONS = ("params", "batch_stats")
+_COMMON_FIELDS = {"name": "googlenet", "embedding_dim": 64, "dtype": "float32", "init_from": None,
+                  "allow_missing": False, "allow_unexpected": False}
+_ARCH_FIELDS = {
+    "googlenet": {"transform_input": True, "dropout_rate": 0.0},
+    "resnet50": {},
+    "small_conv": {"width": 64, "depth": 4, "pooling": "avg"},
+}
+# Classifier of a converted ImageNet backbone: dropped unless the target model has one too.
+_CLASSIFIER = "fc"
+_HEAD = "head"
+_BACKBONE = "backbone"
+
+
+# ----------------------------------------------------------------------------------------------
+# Preprocessing that belongs to each architecture.
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelSpec:
+    """The input an architecture expects (issue 8: preprocessing is part of the model).
+
+    Attributes:
+      name: architecture name.
+      input_size: side of the (centre / random) crop fed to the network; None: any size.
+      image_size: side the images are resized to before cropping (SPEC §4: 256); None: any.
+      channels: 3 (RGB order, as torchvision's weights) or None (1 or 3 both work).
+      mean, std: per-channel normalisation (x / 255 - mean) / std in [0, 1] units; None: none
+        fixed (the data config chooses).
+    """
+
+    name: str
+    input_size: int | None = None
+    image_size: int | None = None
+    channels: int | None = None
+    mean: tuple[float, ...] | None = None
+    std: tuple[float, ...] | None = None
+
+    def data_defaults(self) -> dict[str, Any]:
+        """The ``config.data`` fields it fixes: crop_size, image_size, channels, mean, std."""
+        fields = {"crop_size": self.input_size, "image_size": self.image_size,
+                  "channels": self.channels, "mean": self.mean, "std": self.std}
+        return {key: value for key, value in fields.items() if value is not None}
+
+
+_IMAGENET = dict(input_size=224, image_size=256, channels=3, mean=tuple(IMAGENET_MEAN),
+                 std=tuple(IMAGENET_STD))
+_SPECS = {
+    "googlenet": ModelSpec("googlenet", **_IMAGENET),
+    "resnet50": ModelSpec("resnet50", **_IMAGENET),
+    "small_conv": ModelSpec("small_conv"),
+}
+
+
+def _check_name(name) -> str:
+    if not isinstance(name, str) or name.lower() not in NAMES:
+        raise ValueError(f"model.name={name!r}: expected one of {NAMES}")
+    return name.lower()
+
+
+def model_spec(name: str) -> ModelSpec:
+    """The ModelSpec of architecture `name` ("googlenet" | "resnet50" | "small_conv")."""
+    return _SPECS[_check_name(name)]
+
+
+# ----------------------------------------------------------------------------------------------
+# The embedding model.
+
+
+def l2_normalise(x, epsilon: float = 1e-12):
+    """x / max(‖x‖₂, epsilon) along the last axis, in float32 (SPEC §1: unit-length embeddings).
+
+    Safe at x = 0: the output is 0 and the gradient finite (the max cuts the 1/‖x‖ branch), as
+    torch.nn.functional.normalize.
+    """
+    x = x.astype(jnp.float32)
+    squared_norm = jnp.sum(jnp.square(x), axis=-1, keepdims=True)
+    return x * jax.lax.rsqrt(jnp.maximum(squared_norm, epsilon * epsilon))
+
+
+class EmbeddingModel(nn.Module):
+    """backbone features -> linear ``head`` (embedding_dim) -> L2 normalisation, float32 out.
+
+    ``__call__(images, train=False)``: images NHWC float [N, H, W, C], normalised. With
+    ``train=True`` batch norm uses batch statistics: apply with ``mutable=["batch_stats"]``
+    (and ``rngs={"dropout": key}`` for a GoogLeNet with dropout_rate > 0).
+    """
+
+    backbone: nn.Module
+    embedding_dim: int = 64
+
+    @nn.compact
+    def __call__(self, images, train: bool = False):
+        if images.ndim != 4:
+            raise ValueError(f"images: expected NHWC [N, H, W, C], got shape {images.shape}")
+        if not jnp.issubdtype(images.dtype, jnp.floating):
+            raise ValueError(f"images: expected float images normalised by the data pipeline, "
+                             f"got dtype {images.dtype}")
+        features = self.backbone(images, train=train).astype(jnp.float32)
+        embeddings = nn.Dense(self.embedding_dim, dtype=jnp.float32, param_dtype=jnp.float32,
+                              name=_HEAD)(features)
+        return l2_normalise(embeddings)
+
+
+def default_config(name: str = "googlenet"):
+    """A ``config.model`` ConfigDict for architecture `name`, every field at its default."""
+    import ml_collections
+    from ml_collections import config_dict
+
+    fields = {**_COMMON_FIELDS, **_ARCH_FIELDS[_check_name(name)], "name": name.lower()}
+    fields["init_from"] = config_dict.placeholder(str)  # None, overridable with a path
+    return ml_collections.ConfigDict(fields)
+
+
+def _positive_int(value, field: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+        raise ValueError(f"model.{field}: expected a positive integer, got {value!r}")
+    return int(value)
+
+
+def _boolean(value, field: str) -> bool:
+    if not isinstance(value, (bool, np.bool_)):
+        raise ValueError(f"model.{field}: expected True or False, got {value!r}")
+    return bool(value)
+
+
+def _resolve_config(model_config) -> dict[str, Any]:
+    """The model fields as a plain dict: defaults filled in, checked (ValueError naming one)."""
+    given = dict(model_config.items()) if hasattr(model_config, "items") else None
+    if given is None:
+        raise ValueError(f"config.model: expected a ConfigDict or mapping, got "
+                         f"{type(model_config).__name__}")
+    known = set(_COMMON_FIELDS).union(*map(set, _ARCH_FIELDS.values()))
+    unknown = sorted(set(given) - known)
+    if unknown:
+        raise ValueError(f"config.model: unknown fields {unknown}; known: {sorted(known)}")
+    name = _check_name(given.get("name", _COMMON_FIELDS["name"]))
+    cfg = {**_COMMON_FIELDS, **_ARCH_FIELDS[name]}
+    cfg.update({key: value for key, value in given.items() if key in cfg})
+    cfg["name"] = name
+    cfg["embedding_dim"] = _positive_int(cfg["embedding_dim"], "embedding_dim")
+    if cfg["dtype"] not in DTYPES:
+        raise ValueError(f"model.dtype={cfg['dtype']!r}: expected one of {tuple(DTYPES)}")
+    for field in ("allow_missing", "allow_unexpected", "transform_input"):
+        if field in cfg:
+            cfg[field] = _boolean(cfg[field], field)
+    init_from = cfg["init_from"]
+    if init_from is not None and not isinstance(init_from, (str, os.PathLike)):
+        raise ValueError(f"model.init_from: expected a file path or None, got {init_from!r}")
+    cfg["init_from"] = os.fspath(init_from) if init_from else None
+    if name == "googlenet":
+        rate = cfg["dropout_rate"]
+        if isinstance(rate, bool) or not isinstance(rate, (int, float)) or not 0 <= rate < 1:
+            raise ValueError(f"model.dropout_rate: expected a number in [0, 1), got {rate!r}")
+    if name == "small_conv":
+        cfg["width"] = _positive_int(cfg["width"], "width")
+        cfg["depth"] = _positive_int(cfg["depth"], "depth")
+        if cfg["pooling"] not in POOLINGS:
+            raise ValueError(f"model.pooling={cfg['pooling']!r}: expected one of {POOLINGS}")
+    return cfg
+
+
+def build_model(model_config) -> EmbeddingModel:
+    """The EmbeddingModel that ``config.model`` describes (ValueError naming a bad field).
+
+    ``init_from`` is not read here: ``init_variables`` (or ``load_pretrained``) applies it.
+    """
+    cfg = _resolve_config(model_config)
+    dtype = DTYPES[cfg["dtype"]]
+    if cfg["name"] == "googlenet":
+        backbone = GoogLeNet(transform_input=cfg["transform_input"],
+                             dropout_rate=float(cfg["dropout_rate"]), dtype=dtype)
+    elif cfg["name"] == "resnet50":
+        backbone = ResNet50(dtype=dtype)
+    else:
+        backbone = SmallConvNet(width=cfg["width"], depth=cfg["depth"], pooling=cfg["pooling"],
+                                dtype=dtype)
+    return EmbeddingModel(backbone=backbone, embedding_dim=cfg["embedding_dim"])
+
+
+def init_variables(model: nn.Module, key, input_shape, model_config=None) -> dict:
+    """``model.init`` (jitted, eval mode) on zeros of `input_shape` [N, H, W, C]; then, if
+    ``model_config.init_from`` is set, ``load_pretrained`` with the config's allow_* flags.
+
+    Returns ``{"params": ..., "batch_stats": ...}`` on the default device: shard afterwards.
+    The init program is compiled without LLVM optimisation (it runs once): on XLA:CPU the
+    ~60 random-normal initialisers of GoogLeNet otherwise take ~20 s to compile, ~5 s so.
+    """
+    images = jax.ShapeDtypeStruct(tuple(input_shape), jnp.float32)
+    lowered = jax.jit(lambda k, x: model.init(k, x, train=False)).lower(key, images)
+    try:
+        compiled = lowered.compile(compiler_options={"xla_backend_optimization_level": 0})
+    except Exception:  # a backend without that option: compile as usual
+        compiled = lowered.compile()
+    variables = dict(compiled(key, jnp.zeros(tuple(input_shape), jnp.float32)))
+    if model_config is not None:
+        cfg = _resolve_config(model_config)
+        if cfg["init_from"]:
+            variables = load_pretrained(variables, cfg["init_from"],
+                                        allow_missing=cfg["allow_missing"],
+                                        allow_unexpected=cfg["allow_unexpected"])
+    return variables
+
+
+def param_labels(params) -> Any:
+    """A pytree like `params` with "head" on the head's leaves and "backbone" elsewhere.
+
+    For ``optax.multi_transform`` (the head trains with ×10 learning rate, SPEC §4).
+    """
+    if isinstance(params, Mapping) and set(params) & set(COLLECTIONS) and _HEAD not in params:
+        raise ValueError(f"params: got the variables dict (keys {sorted(params)}); pass "
+                         "variables['params']")
+
+    def label(path, _):
+        first = path[0].key if path and hasattr(path[0], "key") else None
+        return _HEAD if first == _HEAD else _BACKBONE
+
+    return jax.tree_util.tree_map_with_path(label, params)
+
+
+# ----------------------------------------------------------------------------------------------
+# Weight files.
+
+_LEAF_NAMES = {("params", "kernel"): "weight", ("params", "scale"): "weight",
+               ("params", "bias"): "bias", ("batch_stats", "mean"): "running_mean",
+               ("batch_stats", "var"): "running_var"}
+_SEQUENTIAL_SLOT = re.compile(r"(.+)_(\d+)")
+
+
+def torchvision_key(flat_key: str) -> str:
+    """The torchvision state-dict key of a flat Flax key (the mapping of the module docstring).
+
+    ``"params/inception3a/branch2_0/conv/kernel"`` -> ``"inception3a.branch2.0.conv.weight"``;
+    a leading ``backbone/`` (a whole-model path) is skipped.
+    """
+    collection, *path = flat_key.split("/")
+    if collection not in COLLECTIONS or len(path) < 2:
+        raise ValueError(f"flat_key={flat_key!r}: expected '<params|batch_stats>/<module>/<leaf>'")
+    if path[0] == _BACKBONE:
+        path = path[1:]
+    leaf = _LEAF_NAMES.get((collection, path[-1]))
+    if leaf is None:
+        raise ValueError(f"flat_key={flat_key!r}: leaf {path[-1]!r} has no torchvision name")
+    parts = []
+    for name in path[:-1]:
+        slot = _SEQUENTIAL_SLOT.fullmatch(name)
+        parts.extend(slot.groups() if slot else (name,))
+    return ".".join([*parts, leaf])
+
+
+def _flatten(variables) -> dict[str, Any]:
+    """{"params/a/b/kernel": leaf, ...} for the params and batch_stats collections."""
+    flat = {}
+    for collection in COLLECTIONS:
+        if collection in variables:
+            tree = traverse_util.flatten_dict(variables[collection], sep="/")
+            flat.update({f"{collection}/{key}": value for key, value in tree.items()})
+    return flat
+
+
+def save_npz(variables, path) -> Path:
+    """Writes the params and batch_stats of `variables` as a weight file (format above).
+
+    Atomic: written to a temporary file in the same folder, then renamed over `path` (which is
+    used exactly as given; no ".npz" is appended). bfloat16 leaves are stored as float32.
+    """
+    path = Path(path)
+    flat = {}
+    for key, value in _flatten(variables).items():
+        array = np.asarray(jax.device_get(value))
+        flat[key] = array.astype(np.float32) if array.dtype == jnp.bfloat16 else array
+    if not flat:
+        raise ValueError("variables: no 'params' or 'batch_stats' collection to save")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(handle, "wb") as file:
+            np.savez(file, **flat)
+            file.flush()
+            os.fsync(file.fileno())
+        os.replace(temporary, path)
+    except BaseException:
+        Path(temporary).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def load_npz(path) -> dict[str, np.ndarray]:
+    """The flat {key: array} of a weight file (ValueError naming `path` if unreadable)."""
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"path: weight file {str(path)!r} does not exist (model.init_from)")
+    try:
+        with np.load(path, allow_pickle=False) as archive:
+            return {key: archive[key] for key in archive.files}
+    except (OSError, ValueError) as error:  # not a zip / pickled objects / corrupt member
+        raise ValueError(f"path: {str(path)!r} is not a readable .npz weight file: {error}") \
+            from error
+
+
+def _backbone_relative(keys) -> tuple[dict[str, str], list[str]]:
+    """({backbone-relative key: key}, head keys) of the flat keys of a whole model or backbone.
+
+    Whole-model keys (some ``<collection>/backbone/...``) lose the ``backbone/``; any other
+    non-head key of a whole model is kept as it is (and will not match the backbone's keys).
+    """
+    keys = list(keys)
+    whole_model = any(key.split("/")[1:2] == [_BACKBONE] for key in keys)
+    relative, head = {}, []
+    for key in keys:
+        collection, _, rest = key.partition("/")
+        first, _, below = rest.partition("/")
+        if first == _HEAD:
+            head.append(key)
+        elif whole_model and first == _BACKBONE:
+            relative[f"{collection}/{below}"] = key
+        else:
+            relative[key] = key
+    return relative, head
+
+
+def load_pretrained(variables, path, *, allow_missing: bool = False,
+                    allow_unexpected: bool = False) -> dict:
+    """`variables` with the backbone's params and batch_stats replaced from a weight file.
+
+    `variables`: an EmbeddingModel's ``{"params": {"backbone": ..., "head": ...},
+    "batch_stats": ...}`` (or a bare backbone's). The file's ``head`` is dropped (the head is the
+    new layer and keeps its initial values), and so is a classifier ``fc`` the model does not
+    have. Every key of the backbone missing from the file, every key of the file the model does
+    not have (unexpected) and every key whose shape differs (mis-shaped) is reported by name:
+    a ValueError lists them all unless `allow_missing` / `allow_unexpected` (then they are
+    logged; missing leaves keep their initial values); mis-shaped keys always stop. Values are
+    cast to the model's dtype (float32).
+    """
+    file_arrays = load_npz(path)
+    file_keys, file_head = _backbone_relative(file_arrays)
+    model_flat = _flatten(variables)
+    model_keys, _ = _backbone_relative(model_flat)
+    model_relative = {key: model_flat[original] for key, original in model_keys.items()}
+    dropped = file_head + [
+        original for key, original in file_keys.items()
+        if key.split("/")[1:2] == [_CLASSIFIER] and key not in model_relative]
+    file_flat = {key: file_arrays[original] for key, original in file_keys.items()
+                 if original not in dropped}
+    missing = sorted(set(model_relative) - set(file_flat))
+    unexpected = sorted(set(file_flat) - set(model_relative))
+    misshaped = [
+        f"{key}: file {tuple(np.shape(file_flat[key]))} {np.asarray(file_flat[key]).dtype}, "
+        f"model {tuple(np.shape(model_relative[key]))}"
+        for key in sorted(set(file_flat) & set(model_relative))
+        if np.shape(file_flat[key]) != np.shape(model_relative[key])
+        or not np.issubdtype(np.asarray(file_flat[key]).dtype, np.number)]
+    problems = []
+    if misshaped:
+        problems.append(f"{len(misshaped)} mis-shaped (never allowed): " + "; ".join(misshaped))
+    if missing and not allow_missing:
+        problems.append(f"{len(missing)} missing (in the model, not in the file; allow with "
+                        f"model.allow_missing): " + ", ".join(missing))
+    if unexpected and not allow_unexpected:
+        problems.append(f"{len(unexpected)} unexpected (in the file, not in the model; allow "
+                        f"with model.allow_unexpected): " + ", ".join(unexpected))
+    if problems:
+        raise ValueError(f"load_pretrained({str(path)!r}): the weight file does not match the "
+                         "model:\n  " + "\n  ".join(problems))
+    if dropped:
+        logger.info("load_pretrained: dropped %d head/classifier keys: %s", len(dropped),
+                    ", ".join(sorted(dropped)))
+    if missing:
+        logger.warning("load_pretrained: %d missing keys keep their initial values: %s",
+                       len(missing), ", ".join(missing))
+    if unexpected:
+        logger.warning("load_pretrained: %d unexpected keys ignored: %s", len(unexpected),
+                       ", ".join(unexpected))
+    loaded = dict(model_flat)
+    for key, value in file_flat.items():
+        if key in model_relative:
+            loaded[model_keys[key]] = jnp.asarray(value, dtype=model_relative[key].dtype)
+    result = {key: value for key, value in dict(variables).items() if key not in COLLECTIONS}
+    for collection in COLLECTIONS:
+        if collection in variables:
+            prefix = f"{collection}/"
+            result[collection] = traverse_util.unflatten_dict(
+                {key[len(prefix):]: value for key, value in loaded.items()
+                 if key.startswith(prefix)}, sep="/")
+    return result
