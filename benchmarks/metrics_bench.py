@@ -7,7 +7,7 @@ process: data, jax runtime and all) is its own, and its wall-clock is cold: jit 
 included, as a user calling ``evaluate`` once at the end of training would see it. The data are
 unit-length embeddings of ``--classes`` equally likely classes: a random unit centre per class
 plus isotropic Gaussian noise of norm about ``--noise``, then L2-normalised like a network's
-output. Target (issue #3): 50k x 512 in <= 60 s with peak RSS <= 4 GiB on the 2-core CPU;
+output. Target (issue #2): 50k x 512 in <= 60 s with peak RSS <= 4 GiB on the 2-core CPU;
 200k must finish without running out of memory.
 """
 

@@ -1,0 +1,173 @@
+"""Defaults shared by every experiment config, and the paper's comparison rows as variants.
+
+Every SPEC.md **choice** is a field here (method: SPEC §1–3; protocol: SPEC §4). A dataset
+config (`cub.py`, `cars196.py`, `omniglot.py`) starts from `base_config()`, sets its data and
+model, and applies the variants named after the colon of `--config=FILE:VARIANT[,VARIANT...]`
+with `apply_variants` (e.g. `omniglot.py:smoke,semihard`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+
+import ml_collections
+
+from smine_jax import controller, data, models
+
+
+def base_config() -> ml_collections.ConfigDict:
+    """The Smart Mining defaults (variant `smart`): SPEC §1–4 on GoogLeNet, 64-d."""
+    config = ml_collections.ConfigDict()
+    config.seed = 0
+    config.variant = "smart"
+    config.data = data.default_config()
+    # Smoke-test subsets: the first max_classes classes of each split, the first max_per_class
+    # images of each class (0 = all).
+    config.subset = ml_collections.ConfigDict({"max_classes": 0, "max_per_class": 0})
+
+    # Every architecture's fields, so that --config.model.name=... can switch architecture.
+    model = models.default_config("googlenet")
+    for name in ("small_conv",):
+        for field, value in models.default_config(name).items():
+            if field not in model:
+                model[field] = value
+    config.model = model
+
+    config.optimizer = ml_collections.ConfigDict({
+        "learning_rate": 0.1,       # SPEC §4
+        "lr_halve_every": 3,        # epochs (SPEC §4: halved every 3 epochs)
+        "momentum": 0.9,            # SPEC §4 (choice)
+        "nesterov": False,
+        "weight_decay": 5e-4,       # SPEC §4; coupled L2 (Caffe), on every parameter
+        "head_lr_multiplier": 10.0,  # SPEC §4: new 64-d head, learning rate ×10
+    })
+    config.train = ml_collections.ConfigDict({
+        "epochs": 20,               # SPEC §4: <= 20 epochs
+        "batch_size": 128,          # triplets per batch (SPEC §4 choice)
+        "triplets_per_anchor": 1,   # slots per anchor per epoch (SPEC §2.4 choice)
+        "inbatch_images": 0,        # images per m-per-class batch; 0 = 3 × batch_size (an
+                                    # epoch shows every variant 3 × N × triplets_per_anchor
+                                    # images)
+        "samples_per_class": 4,     # m of the m-per-class batches (in-batch baselines)
+        "embed_batch_size": 256,    # images per batch of the embedding / evaluation pass
+        "eval_every": 5,            # epochs between test evaluations (and at the end)
+        "prefetch": 2,              # batches gathered ahead of the train step
+        "checkpoints_to_keep": 3,
+        "progress": True,           # tqdm bar per epoch
+    })
+    config.loss = ml_collections.ConfigDict({
+        "kind": "triplet",          # "triplet" | "lifted" | "npairs"
+        "triplet_loss": "ratio",    # Eq. 2 (plain distances) | "margin" (FaceNet, squared)
+        "margin": 0.2,              # m of Eq. 2 (and FaceNet's alpha for "margin")
+        "use_global": True,         # add the global loss (Eq. 3)
+        "global_margin": 0.01,      # t of Eq. 3
+        "global_weight": 0.8,       # lambda of Eq. 3 (SPEC choice)
+        "lifted_margin": 1.0,       # alpha of the lifted structured loss (Song et al.)
+        "npairs_l2_reg": 0.002,     # embedding penalty of the N-pair loss (TF convention)
+    })
+    config.mining = ml_collections.ConfigDict({
+        "kind": "smart",            # "smart" | "semihard" | "batch_hard" | "distance_weighted"
+                                    # | "none" (lifted / npairs)
+        "mined_fraction": 0.5,      # share of mined triplets from epoch 3 on (SPEC §2.5 choice)
+        "k": 0,                     # neighbours per anchor; 0 = 2 × largest class (SPEC choice)
+        "backend": "exact",         # "exact" (device) | "scann" (host)
+        "scann_mode": "brute_force",  # | "tree_ah" (large sets)
+        "chunk_size": 2048,         # anchor rows per mining chunk (speed only)
+        "semihard_fallback": "largest",  # TF-Addons rule when no semi-hard negative | "invalid"
+        "distance_cutoff": 0.5,     # distance-weighted sampling (Wu et al.)
+        "nonzero_loss_cutoff": 1.4,
+    })
+    # SPEC §3: the controller's fields (policy, target 0.5, window 3, κ₀ 16, clip [1, 64], ...).
+    config.controller = ml_collections.ConfigDict(
+        dataclasses.asdict(controller.ControllerConfig()))
+    config.controller.max_step_factor = ml_collections.config_dict.placeholder(float)
+    return config
+
+
+def use_model_inputs(config: ml_collections.ConfigDict) -> None:
+    """Sets the data fields the architecture fixes (crop, resize, channels, mean, std)."""
+    config.data.update(models.model_spec(config.model.name).data_defaults())
+
+
+# ----------------------------------------------------------------------------------------------
+# The paper's comparison rows (SPEC §5) as variants of the same loop.
+
+
+def smart(config):
+    """Smart Mining: index mining + global loss + adaptive controller (the default)."""
+
+
+def smart_manual(config):
+    """Smart Mining with the manual κ schedule instead of the controller (ablation)."""
+    config.controller.policy = "manual"
+
+
+def index_no_global(config):
+    """Triplet + index mining, no global loss."""
+    config.loss.use_global = False
+
+
+def random_global(config):
+    """Triplet + global loss on random triplets only (no mining)."""
+    config.mining.mined_fraction = 0.0
+
+
+def _in_batch(config, kind: str) -> None:
+    # FaceNet's margin triplet loss on squared distances, no global loss (the semi-hard row of
+    # the paper); batch-hard and distance-weighted use the same loss so only the miner differs.
+    config.mining.kind = kind
+    config.loss.triplet_loss = "margin"
+    config.loss.use_global = False
+
+
+def semihard(config):
+    """FaceNet semi-hard in-batch mining on m-per-class batches, margin loss."""
+    _in_batch(config, "semihard")
+
+
+def batch_hard(config):
+    """Batch-hard in-batch mining (Hermans et al. 2017), margin loss."""
+    _in_batch(config, "batch_hard")
+
+
+def distance_weighted(config):
+    """Distance-weighted sampling (Wu et al. 2017), margin loss."""
+    _in_batch(config, "distance_weighted")
+
+
+def lifted(config):
+    """Lifted structured loss (Song et al. 2016) on m-per-class batches."""
+    config.mining.kind = "none"
+    config.loss.kind = "lifted"
+
+
+def npairs(config):
+    """N-pair loss (Sohn 2016) on batches of pairs of distinct classes."""
+    config.mining.kind = "none"
+    config.loss.kind = "npairs"
+    config.train.samples_per_class = 2
+
+
+VARIANTS: dict[str, Callable] = {
+    function.__name__: function for function in (
+        smart, smart_manual, index_no_global, random_global, semihard, batch_hard,
+        distance_weighted, lifted, npairs)
+}
+
+
+def apply_variants(config: ml_collections.ConfigDict, arg: str | None,
+                   extra: dict[str, Callable] | None = None) -> ml_collections.ConfigDict:
+    """Applies the comma-separated variants of `arg` in order; records them in config.variant.
+
+    Raises ValueError naming --config for an unknown variant.
+    """
+    known = {**VARIANTS, **(extra or {})}
+    names = [name.strip() for name in (arg or "").split(",") if name.strip()]
+    for name in names:
+        if name not in known:
+            raise ValueError(f"--config: unknown variant {name!r} after the colon; known: "
+                             f"{', '.join(sorted(known))}")
+        known[name](config)
+    config.variant = ",".join(names) or "smart"
+    return config

@@ -1,0 +1,11 @@
+"""python -m experiments.cub --config=experiments/configs/cub.py --workdir=DIR
+
+Trains and evaluates (SPEC §2–4); the command line is experiments/main.py's.
+"""
+
+from __future__ import annotations
+
+from experiments import main
+
+if __name__ == "__main__":
+    main.run("cub")

@@ -1,0 +1,126 @@
+"""The shared command line of experiments/cub.py, cars196.py and omniglot.py.
+
+    python -m experiments.omniglot --config=experiments/configs/omniglot.py[:VARIANT,...] \
+        --workdir=DIR [--config.section.field=VALUE ...]
+
+`--config` is an ml_collections config file whose `get_config(arg)` takes the text after the
+colon (variants); `--config.a.b=v` overrides a field. Rerunning the same command resumes from
+the workdir's latest checkpoint. A bad flag or setting ends with one line `error: ...` naming
+the flag, exit status 2 (no traceback); SIGTERM saves a checkpoint and exits with status 143.
+"""
+
+from __future__ import annotations
+
+import json
+import logging as std_logging
+import os
+import re
+import sys
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+_CONFIG = config_flags.DEFINE_config_file(
+    "config", None, "Experiment config file (get_config), variants after a colon.",
+    lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs and metrics.")
+
+_SECTIONS = ("data.", "model.", "train.", "optimizer.", "loss.", "mining.", "controller.",
+             "subset.")
+EXIT_USAGE = 2
+EXIT_PREEMPTED = 128 + 15
+
+
+def _one_line(message: str) -> str:
+    return " ".join(str(message).split())
+
+
+def _flag_message(message: str) -> str:
+    """Names the flag: 'data.dir=…' and 'config.data.dir=…' become '--config.data.dir=…'."""
+    message = _one_line(message)
+    if message.startswith("config."):
+        return "--" + message
+    if message.startswith(_SECTIONS):
+        return "--config." + message
+    return message
+
+
+def _usage_error(message: str) -> None:
+    print(f"error: {_flag_message(message)}", file=sys.stderr)
+    sys.exit(EXIT_USAGE)
+
+
+def _flag_error_text(error: Exception) -> str:
+    """The useful part of a flag error: config_flags wraps an exception raised by get_config
+    (an unknown variant) in a message that embeds the traceback; keep its last exception."""
+    text = str(error)
+    if "Traceback" in text:
+        text = text.rsplit("Error: ", 1)[-1]
+    return text
+
+
+def _unknown_field_text(error: Exception, argv: list[str]) -> str:
+    """ml_collections reports an override of a field that does not exist as a bare
+    AttributeError / KeyError holding the field name: name the flag instead."""
+    names = re.findall(r"'([^'\"]+)'", str(error))
+    for arg in argv[1:]:
+        flag = arg.split("=", 1)[0]
+        if names and flag.startswith("--config.") and names[-1] in flag.split("."):
+            return f"{flag}: no such field in the config"
+    return f"--config: no such field {names[-1] if names else error!s}"
+
+
+def _parse_flags(argv: list[str]) -> list[str]:
+    """absl flag parsing with one-line errors instead of usage text or tracebacks."""
+    try:
+        remaining = flags.FLAGS(argv)
+        _CONFIG.value.keys()  # config files load lazily: surface their errors here
+        return remaining
+    except OSError as error:
+        reason = str(error).strip().splitlines()[-1].strip()
+        _usage_error(f"--config: cannot load the config file ({reason})")
+    except (AttributeError, KeyError) as error:
+        _usage_error(_unknown_field_text(error, argv))
+    except (flags.Error, ValueError, TypeError) as error:
+        _usage_error(_flag_error_text(error))
+    raise AssertionError("unreachable")
+
+
+class _QuietLibraries:
+    """Drops the INFO chatter of orbax (tens of lines per checkpoint) from the absl log."""
+
+    def filter(self, record) -> bool:
+        return record.levelno >= std_logging.WARNING or "orbax" not in record.pathname
+
+
+def _main(dataset: str, argv: list[str]) -> None:
+    del argv
+    from smine_jax import train
+
+    logging.get_absl_handler().addFilter(_QuietLibraries())
+
+    config = _CONFIG.value
+    if config is None:
+        _usage_error("--config: required (e.g. --config=experiments/configs/omniglot.py)")
+    if not _WORKDIR.value:
+        _usage_error("--workdir: required (checkpoints, logs and metrics go there)")
+    if config.data.name != dataset:
+        _usage_error(f"--config: experiments.{dataset} needs a {dataset} config, got "
+                     f"data.name={config.data.name!r}")
+    try:
+        results = train.train_and_evaluate(config, _WORKDIR.value)
+    except ValueError as error:
+        _usage_error(str(error))
+    except train.Preempted as error:
+        logging.warning("%s", error)
+        sys.exit(EXIT_PREEMPTED)
+    print(json.dumps({"final_test_metrics": results}, sort_keys=True))
+
+
+def run(dataset: str, argv: list[str] | None = None) -> None:
+    """The main of `python -m experiments.<dataset>`; `--config` defaults to its config file."""
+    argv = list(argv or sys.argv)
+    if not any(arg == "--config" or arg.startswith("--config=") for arg in argv[1:]):
+        default = os.path.join(os.path.dirname(__file__), "configs", f"{dataset}.py")
+        argv.insert(1, f"--config={default}")
+    app.run(lambda args: _main(dataset, args), argv=argv, flags_parser=_parse_flags)

@@ -1,0 +1,1085 @@
+"""Training: the train state, the jitted steps, the smart-mining epoch loop, checkpoints, logs.
+
+One epoch of Smart Mining (SPEC §2–3; Harwood et al. 2017, Algorithm 1 and Eqs. 6–8):
+
+    embed the training set (eval mode, jitted, sharded, padded batches: every image once)
+      -> write this process's embedding shard under workdir/embeddings/epoch_XXXX
+      -> read all shards -> index.neighbours (k nearest other samples of this process's anchors)
+      -> mining.mine_triplets with κ from the controller -> mining.epoch_triplets (mined share
+         `mining.mined_fraction`; epochs <= controller.random_epochs: random triplets only)
+      -> jitted train steps on batches of `train.batch_size` triplets (augmentation inside the
+         step, images gathered by id from the uint8 cache), losses.triplet_objective
+      -> training error (mean of the per-batch error) -> controller.update
+      -> evaluation on the test classes every `train.eval_every` epochs and at the end
+      -> metrics.jsonl, metric writers, checkpoint.
+
+The baselines of the paper's comparison table are variants of the same loop (config fields, see
+experiments/configs/common.py): in-batch miners (semi-hard, batch-hard, distance-weighted) and
+the lifted-structure and N-pairs losses train on m-per-class image batches and skip the
+embed / index / mine stages (their time split records 0).
+
+Determinism: every random choice is a function of (seed, epoch, step) through `fold_in` of the
+state's base key, so a run resumed from a checkpoint replays exactly what an uninterrupted run
+does (on the same device topology). Checkpoints (orbax, `workdir/checkpoints`) are written at
+the end of every epoch. On SIGTERM the current step finishes and a mid-epoch checkpoint records
+the state and the position in the epoch; on resume the epoch's triplet list is rebuilt by
+replaying the mining from the epoch's starting checkpoint (deterministic), and training goes on
+from that position. SIGKILL resumes from the last completed epoch.
+
+Data parallelism: `jax.jit` over a `Mesh` of all devices, batches sharded on the `data` axis,
+parameters replicated (no pmap). Multi-host: each process embeds its contiguous slice of the
+training set, writes its own shard, reads all shards, mines its own anchors and feeds its local
+part of every global batch. The workdir must be on a filesystem shared by all processes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import itertools
+import json
+import logging
+import math
+import os
+import platform
+import shutil
+import signal
+import socket
+import subprocess
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from struct import pack
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import struct
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from smine_jax import batch_miners, controller, data, index, losses, metrics, mining, models
+
+logger = logging.getLogger(__name__)
+
+MINING_KINDS = ("smart", "semihard", "batch_hard", "distance_weighted", "none")
+IN_BATCH_MINERS = ("semihard", "batch_hard", "distance_weighted")
+LOSS_KINDS = ("triplet", "lifted", "npairs")
+TRIPLET_LOSSES = ("ratio", "margin")
+
+# Config fields that may change between a run and its resumption (they change nothing that is
+# already in the checkpoint): more epochs, evaluation frequency, the terminal, I/O settings.
+RESUMABLE_FIELDS = (
+    "train.epochs", "train.eval_every", "train.progress", "train.checkpoints_to_keep",
+    "train.prefetch", "data.num_workers", "data.cache_dir", "data.download_url",
+)
+
+# Independent random streams of one run: fold_in(fold_in(base key, stream), ...).
+_INIT, _MINE, _ASSEMBLE, _RANDOM, _STEP, _BATCHES = range(6)
+
+
+class Preempted(RuntimeError):
+    """Training stopped on SIGTERM after saving a checkpoint; rerun the same command."""
+
+
+# ----------------------------------------------------------------------------------------------
+# Train state and optimiser.
+
+
+@struct.dataclass
+class TrainState:
+    """Everything a resumed run needs (a pytree; `tx` is static).
+
+    Attributes:
+      step: i32[], train steps done (global across epochs; the key of step s is a function of s).
+      epoch: i32[], epochs completed.
+      params, batch_stats: the model variables.
+      opt_state: optimiser state of `tx`.
+      controller: the κ controller state (SPEC §3); `controller.kappa` is the next epoch's κ.
+      rng: u32[2] base PRNG key of the run (never split: derived keys come from `fold_in`).
+      tx: the optax transformation (static).
+    """
+
+    step: jax.Array
+    epoch: jax.Array
+    params: Any
+    batch_stats: Any
+    opt_state: Any
+    controller: controller.ControllerState
+    rng: jax.Array
+    tx: optax.GradientTransformation = struct.field(pytree_node=False)
+
+
+def learning_rate_schedule(config_optimizer, steps_per_epoch: int) -> optax.Schedule:
+    """lr halved every `lr_halve_every` epochs, as a staircase schedule on the step (SPEC §4)."""
+    halve_every = int(config_optimizer.lr_halve_every)
+    return optax.exponential_decay(
+        float(config_optimizer.learning_rate), transition_steps=halve_every * steps_per_epoch,
+        decay_rate=0.5, staircase=True)
+
+
+def make_optimizer(config_optimizer, steps_per_epoch: int) -> optax.GradientTransformation:
+    """SGD with momentum, L2 weight decay and a learning-rate multiplier on the head.
+
+    Weight decay is coupled (L2 added to the gradient before momentum and learning rate), the
+    Caffe convention of the paper's setup (`weight_decay: 0.0005`), applied to every parameter
+    (Caffe's default decay_mult 1). The head (`models.param_labels`) trains with the learning
+    rate × `head_lr_multiplier` (SPEC §4: ×10), its decay term included, as Caffe's lr_mult.
+    """
+    schedule = learning_rate_schedule(config_optimizer, steps_per_epoch)
+
+    def sgd(multiplier: float) -> optax.GradientTransformation:
+        return optax.chain(
+            optax.add_decayed_weights(float(config_optimizer.weight_decay)),
+            optax.sgd(lambda step: multiplier * schedule(step),
+                      momentum=float(config_optimizer.momentum) or None,
+                      nesterov=bool(config_optimizer.nesterov)))
+
+    return optax.multi_transform(
+        {"backbone": sgd(1.0), "head": sgd(float(config_optimizer.head_lr_multiplier))},
+        models.param_labels)
+
+
+def create_train_state(config, model, image_shape, steps_per_epoch: int) -> TrainState:
+    """The state before the first epoch: model initialised from `config.seed` (and the backbone
+    from `config.model.init_from` when given), optimiser and controller at their start."""
+    rng = jax.random.PRNGKey(int(config.seed))
+    variables = models.init_variables(model, jax.random.fold_in(rng, _INIT), (1, *image_shape),
+                                      config.model)
+    tx = make_optimizer(config.optimizer, steps_per_epoch)
+    params = variables["params"]
+    return TrainState(
+        step=jnp.zeros((), jnp.int32), epoch=jnp.zeros((), jnp.int32), params=params,
+        batch_stats=variables.get("batch_stats", {}), opt_state=tx.init(params),
+        controller=controller.init(config.controller), rng=rng, tx=tx)
+
+
+def _key(rng, *path: int) -> jax.Array:
+    """fold_in(... fold_in(rng, path[0]) ..., path[-1]): one key per (stream, epoch, ...)."""
+    for value in path:
+        rng = jax.random.fold_in(rng, value)
+    return rng
+
+
+# ----------------------------------------------------------------------------------------------
+# Objectives and the jitted steps.
+
+
+def _loss_settings(config) -> dict:
+    return dict(margin=float(config.loss.margin), global_margin=float(config.loss.global_margin),
+                global_weight=float(config.loss.global_weight),
+                use_global=bool(config.loss.use_global),
+                triplet_loss=str(config.loss.triplet_loss))
+
+
+def make_objective(config) -> Callable:
+    """objective(key, embeddings f32[R, D], labels i32[B], mask bool[B]) -> (loss, aux).
+
+    Triplet batches (mining.kind "smart"): R = 3B rows (a_i, p_i, n_i), the ratio triplet +
+    global loss of SPEC §1 (`losses.triplet_objective`). Image batches (every other kind): R = B
+    m-per-class images;
+      - "semihard" / "batch_hard" / "distance_weighted": the in-batch miner's triplets with the
+        loss of `config.loss` (the variants set the FaceNet margin loss: the semi-hard baseline of
+        the paper is FaceNet's; batch-hard (Hermans et al.) and distance-weighted sampling
+        (Wu et al.) are margin-based too and share it so that only the miner differs);
+      - loss "lifted": lifted structured loss over the batch; "npairs": N-pair loss over the
+        (2i, 2i+1) pairs. Their training error (logged only) is that of the batch-hard triplets.
+    `aux["training_error"]` is the fraction of valid triplets with J_t > 0 (SPEC §1).
+    """
+    kind, loss_kind = str(config.mining.kind), str(config.loss.kind)
+    settings = _loss_settings(config)
+
+    def triplet_loss(embeddings, triplets: batch_miners.BatchTriplets, **overrides):
+        return losses.triplet_objective(
+            embeddings[triplets.anchor], embeddings[triplets.positive],
+            embeddings[triplets.negative], mask=triplets.valid, **{**settings, **overrides})
+
+    def objective(key, embeddings, labels, mask):
+        if kind == "smart":
+            triplets = embeddings.reshape(-1, 3, embeddings.shape[-1])
+            return losses.triplet_objective(triplets[:, 0], triplets[:, 1], triplets[:, 2],
+                                            mask=mask, **settings)
+        if kind == "semihard":
+            return triplet_loss(embeddings, batch_miners.semihard_triplets(
+                embeddings, labels, margin=settings["margin"], mask=mask,
+                fallback=str(config.mining.semihard_fallback)))
+        if kind == "batch_hard":
+            return triplet_loss(embeddings, batch_miners.batch_hard_triplets(
+                embeddings, labels, mask=mask))
+        if kind == "distance_weighted":
+            return triplet_loss(embeddings, batch_miners.distance_weighted_triplets(
+                key, embeddings, labels, cutoff=float(config.mining.distance_cutoff),
+                nonzero_loss_cutoff=float(config.mining.nonzero_loss_cutoff), mask=mask))
+        _, aux = triplet_loss(jax.lax.stop_gradient(embeddings),
+                              batch_miners.batch_hard_triplets(embeddings, labels, mask=mask),
+                              use_global=False)
+        if loss_kind == "lifted":
+            loss = losses.lifted_structure_loss(embeddings, labels,
+                                                margin=float(config.loss.lifted_margin), mask=mask)
+        else:
+            pairs = embeddings.reshape(-1, 2, embeddings.shape[-1])
+            loss = losses.npairs_loss(pairs[:, 0], pairs[:, 1],
+                                      l2_reg=float(config.loss.npairs_l2_reg),
+                                      labels=labels[::2], mask=mask[::2])
+        return loss, {**aux, "loss": loss}
+
+    return objective
+
+
+def make_train_step(model, objective: Callable, augment: Callable) -> Callable:
+    """train_step(state, images u8[B, (3,) S, S, C], labels i32[B], mask bool[B]) -> (state, m).
+
+    Pure: the augmentation and objective keys are fold_in(rng, step), the images are augmented
+    inside the step (random crop, flip, normalisation), the forward pass runs in train mode on
+    all the batch's images at once (one set of batch-norm statistics), and m holds the step's
+    scalar `loss` and `training_error`.
+    """
+
+    def train_step(state: TrainState, images, labels, mask):
+        step_key = _key(state.rng, _STEP, state.step)
+        augment_key, objective_key = jax.random.split(step_key)
+        flat = images.reshape((-1, *images.shape[-3:]))
+
+        def loss_fn(params):
+            inputs = augment(augment_key, flat)
+            embeddings, updates = model.apply(
+                {"params": params, "batch_stats": state.batch_stats}, inputs, train=True,
+                mutable=["batch_stats"])
+            loss, aux = objective(objective_key, embeddings.astype(jnp.float32), labels, mask)
+            return loss, (aux, updates.get("batch_stats", state.batch_stats))
+
+        (loss, (aux, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+            state.params)
+        updates, opt_state = state.tx.update(grads, state.opt_state, state.params)
+        new_state = state.replace(step=state.step + 1, params=optax.apply_updates(
+            state.params, updates), batch_stats=batch_stats, opt_state=opt_state)
+        return new_state, {"loss": loss, "training_error": aux["training_error"]}
+
+    return train_step
+
+
+def make_embed_fn(model, preprocess: Callable) -> Callable:
+    """embed(variables, images u8[B, S, S, C]) -> f32[B, D], eval mode (centre crop)."""
+
+    def embed(variables, images):
+        return model.apply(variables, preprocess(images), train=False).astype(jnp.float32)
+
+    return embed
+
+
+# ----------------------------------------------------------------------------------------------
+# Configuration checks.
+
+
+def _fail(field: str, expected: str, value) -> None:
+    raise ValueError(f"config.{field}={value!r}: expected {expected}")
+
+
+def _int_field(config, field: str, minimum: int) -> int:
+    section, name = field.split(".")
+    value = config[section][name]
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
+        _fail(field, f"an integer >= {minimum}", value)
+    return int(value)
+
+
+def check_config(config) -> None:
+    """ValueError naming `config.<section>.<field>` for any value the trainer cannot use.
+
+    (The data, controller and model sections are checked by their own packages.)
+    """
+    for section in ("data", "model", "optimizer", "train", "loss", "mining", "controller",
+                    "subset"):
+        if section not in config:
+            raise ValueError(f"config.{section}: missing section")
+    if str(config.mining.kind) not in MINING_KINDS:
+        _fail("mining.kind", f"one of {MINING_KINDS}", config.mining.kind)
+    if str(config.loss.kind) not in LOSS_KINDS:
+        _fail("loss.kind", f"one of {LOSS_KINDS}", config.loss.kind)
+    if str(config.loss.triplet_loss) not in TRIPLET_LOSSES:
+        _fail("loss.triplet_loss", f"one of {TRIPLET_LOSSES}", config.loss.triplet_loss)
+    if (config.loss.kind == "triplet") == (config.mining.kind == "none"):
+        _fail("mining.kind", "'none' exactly when loss.kind is 'lifted' or 'npairs' (they use "
+              f"whole batches; loss.kind={config.loss.kind!r})", config.mining.kind)
+    for field in ("train.epochs", "train.batch_size", "train.triplets_per_anchor",
+                  "train.embed_batch_size", "train.eval_every", "train.prefetch",
+                  "train.checkpoints_to_keep", "optimizer.lr_halve_every"):
+        _int_field(config, field, 1)
+    for field in ("train.inbatch_images", "mining.k", "mining.chunk_size", "subset.max_classes",
+                  "subset.max_per_class"):
+        _int_field(config, field, 0)
+    if _int_field(config, "train.samples_per_class", 2) != 2 and config.loss.kind == "npairs":
+        _fail("train.samples_per_class", "2 for loss.kind='npairs' (pairs)",
+              config.train.samples_per_class)
+    if not 0.0 <= float(config.mining.mined_fraction) <= 1.0:
+        _fail("mining.mined_fraction", "a value in [0, 1]", config.mining.mined_fraction)
+    if str(config.mining.backend) not in index.BACKENDS:
+        _fail("mining.backend", f"one of {index.BACKENDS}", config.mining.backend)
+    for field in ("learning_rate", "weight_decay", "head_lr_multiplier"):
+        value = config.optimizer[field]
+        if isinstance(value, bool) or not np.isfinite(float(value)) or float(value) < 0:
+            _fail(f"optimizer.{field}", "a finite number >= 0", value)
+    if not 0.0 <= float(config.optimizer.momentum) < 1.0:
+        _fail("optimizer.momentum", "a value in [0, 1)", config.optimizer.momentum)
+    devices = jax.device_count()
+    for field in ("train.batch_size", "train.embed_batch_size"):
+        if _int_field(config, field, 1) % devices:
+            _fail(field, f"a multiple of the {devices} devices (the batch is split over them)",
+                  config[field.split(".")[0]][field.split(".")[1]])
+    data.resolve_config(config.data)  # ValueError naming data.<field>
+    models.build_model(config.model)  # ValueError naming model.<field>
+    try:
+        controller.init(config.controller)
+    except ValueError as error:
+        message = str(error)
+        raise ValueError(message if message.startswith("config") else
+                         f"config.controller.{message}") from None
+    images = inbatch_images(config)
+    if config.mining.kind != "smart" and (images % devices or images % config.train.
+                                           samples_per_class):
+        _fail("train.inbatch_images", f"a multiple of train.samples_per_class="
+              f"{config.train.samples_per_class} and of the {devices} devices (0 = 3 × "
+              f"train.batch_size = {3 * config.train.batch_size})", images)
+
+
+def inbatch_images(config) -> int:
+    """Images per batch of the in-batch variants (default: 3 × batch_size, as a triplet batch)."""
+    return int(config.train.inbatch_images) or 3 * int(config.train.batch_size)
+
+
+# ----------------------------------------------------------------------------------------------
+# Data.
+
+
+def subset_dataset(dataset: data.Dataset, *, max_classes: int = 0,
+                   max_per_class: int = 0) -> data.Dataset:
+    """The first `max_classes` classes of each split (label order) and the first
+    `max_per_class` samples of each class (0 = all): small, deterministic smoke-test sets."""
+    if not max_classes and not max_per_class:
+        return dataset
+    keep = []
+    for in_split in (dataset.is_train, ~dataset.is_train):
+        ids = np.flatnonzero(in_split)
+        classes = np.unique(dataset.labels[ids])
+        for label in classes[:max_classes or None]:
+            members = ids[dataset.labels[ids] == label]
+            keep.append(members[:max_per_class or None])
+    return dataset.select(np.sort(np.concatenate(keep)))
+
+
+def _local_block(num_samples: int) -> np.ndarray:
+    """This process's contiguous block of sample ids (as `data.inference_batches` shards)."""
+    return np.array_split(np.arange(num_samples, dtype=np.int32),
+                          jax.process_count())[jax.process_index()]
+
+
+def _pad_rows(rows: np.ndarray, num_rows: int) -> tuple[np.ndarray, np.ndarray]:
+    """(rows padded to num_rows by repeating its first rows, mask True for the real rows)."""
+    mask = np.zeros(num_rows, bool)
+    mask[:len(rows)] = True
+    if len(rows) < num_rows:
+        filler = np.resize(rows, (num_rows - len(rows), *rows.shape[1:]))
+        rows = np.concatenate([rows, filler])
+    return rows, mask
+
+
+# ----------------------------------------------------------------------------------------------
+# Logs.
+
+
+def _package_versions() -> dict[str, str]:
+    from importlib import metadata
+
+    versions = {"python": platform.python_version()}
+    for package in ("smine_jax", "jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "numpy",
+                    "ml_collections", "clu", "tensorflow-datasets", "scann"):
+        try:
+            versions[package] = metadata.version(package)
+        except metadata.PackageNotFoundError:
+            continue
+    return versions
+
+
+def _git_revision() -> str | None:
+    try:
+        result = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent,
+                                capture_output=True, text=True, timeout=10, check=False)
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"],
+                               cwd=Path(__file__).parent, capture_output=True, text=True,
+                               timeout=10, check=False)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    if result.returncode:
+        return None
+    return result.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "")
+
+
+def _as_json(value):
+    """Config values as JSON (tuples become lists, so a saved and a live config compare)."""
+    return json.loads(json.dumps(value, default=str))
+
+
+def _flatten(tree: dict, prefix: str = "") -> dict:
+    flat = {}
+    for name, value in tree.items():
+        if isinstance(value, dict):
+            flat.update(_flatten(value, f"{prefix}{name}."))
+        else:
+            flat[f"{prefix}{name}"] = value
+    return flat
+
+
+def _write_json_atomic(path: Path, value) -> None:
+    temporary = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    temporary.write_text(json.dumps(value, indent=2, sort_keys=True, default=str) + "\n")
+    os.replace(temporary, path)
+
+
+def prepare_workdir(workdir: Path, config, *, resuming: bool) -> None:
+    """Writes workdir/config.json (config, package versions, git revision).
+
+    When resuming, the saved config must equal `config` up to RESUMABLE_FIELDS, else ValueError
+    naming --workdir and the differing fields.
+    """
+    path = workdir / "config.json"
+    current = _as_json(config.to_dict())
+    if resuming and path.is_file():
+        saved = json.loads(path.read_text())["config"]
+        old, new = _flatten(saved), _flatten(current)
+        changed = sorted(name for name in set(old) | set(new)
+                         if old.get(name, "<absent>") != new.get(name, "<absent>")
+                         and name not in RESUMABLE_FIELDS)
+        if changed:
+            details = ", ".join(f"{name}: {old.get(name, '<absent>')!r} -> "
+                                f"{new.get(name, '<absent>')!r}" for name in changed[:6])
+            raise ValueError(
+                f"--workdir={workdir}: holds a checkpoint of a run with another config "
+                f"({details}{', ...' if len(changed) > 6 else ''}); rerun with the saved config "
+                f"({path}) or use a new --workdir")
+    if jax.process_index() == 0:
+        _write_json_atomic(path, {"config": current, "versions": _package_versions(),
+                                  "git_revision": _git_revision(),
+                                  "written": datetime.datetime.now().isoformat(timespec="seconds"),
+                                  "process_count": jax.process_count(),
+                                  "device_count": jax.device_count()})
+
+
+def _crc32c_table() -> list[int]:
+    table = []
+    for byte in range(256):
+        crc = byte
+        for _ in range(8):
+            crc = (crc >> 1) ^ (0x82F63B78 if crc & 1 else 0)
+        table.append(crc)
+    return table
+
+
+_CRC32C_TABLE = _crc32c_table()
+
+
+def crc32c(payload: bytes) -> int:
+    """CRC-32C (Castagnoli), the checksum of TFRecord framing."""
+    crc = 0xFFFFFFFF
+    for byte in payload:
+        crc = _CRC32C_TABLE[(crc ^ byte) & 0xFF] ^ (crc >> 8)
+    return crc ^ 0xFFFFFFFF
+
+
+def _masked_crc(payload: bytes) -> int:
+    crc = crc32c(payload)
+    return (((crc >> 15) | (crc << 17)) + 0xA282EAD8) & 0xFFFFFFFF
+
+
+def _varint(value: int) -> bytes:
+    out = bytearray()
+    while True:
+        byte, value = value & 0x7F, value >> 7
+        out.append(byte | (0x80 if value else 0))
+        if not value:
+            return bytes(out)
+
+
+def _field(number: int, payload: bytes) -> bytes:
+    """A length-delimited protobuf field."""
+    return _varint(number << 3 | 2) + _varint(len(payload)) + payload
+
+
+def _event(wall_time: float, *, step: int | None = None, file_version: str | None = None,
+           scalars: dict | None = None) -> bytes:
+    """A tensorflow.Event proto: wall_time (1, double), step (2), file_version (3), summary (5)
+    of Summary.Value {tag (1), simple_value (2, float)} entries."""
+    proto = b"\x09" + pack("<d", wall_time)
+    if step is not None:
+        proto += b"\x10" + _varint(step)
+    if file_version is not None:
+        proto += _field(3, file_version.encode())
+    if scalars:
+        summary = b"".join(
+            _field(1, _field(1, tag.encode()) + b"\x15" + pack("<f", float(value)))
+            for tag, value in scalars.items())
+        proto += _field(5, summary)
+    return proto
+
+
+class EventFileWriter:
+    """TensorBoard scalars without TensorFlow: Event protos (hand-encoded) in TFRecord framing
+    (length, masked CRC-32C of the length, data, masked CRC-32C of the data), the file layout
+    TensorBoard reads. Used when clu's writer cannot import TensorFlow. Scalars also go to the
+    log, as clu's default writer does."""
+
+    def __init__(self, logdir: Path):
+        logdir.mkdir(parents=True, exist_ok=True)
+        self.path = logdir / (f"events.out.tfevents.{int(time.time())}."
+                              f"{socket.gethostname()}.{os.getpid()}.smine_jax")
+        self._file = open(self.path, "ab")  # noqa: SIM115 - closed by close()
+        self._write(_event(time.time(), file_version="brain.Event:2"))
+
+    def _write(self, data: bytes) -> None:
+        header = pack("<Q", len(data))
+        self._file.write(header + pack("<I", _masked_crc(header)) + data
+                         + pack("<I", _masked_crc(data)))
+
+    def write_scalars(self, step: int, scalars: dict) -> None:
+        self._write(_event(time.time(), step=int(step), scalars=scalars))
+        values = ", ".join(f"{name}={value:.6g}" for name, value in sorted(scalars.items()))
+        logger.info("[%d] %s", step, values)
+
+    def write_hparams(self, hparams: dict) -> None:
+        logger.info("hparams: %s", hparams)
+
+    def flush(self) -> None:
+        self._file.flush()
+
+    def close(self) -> None:
+        self._file.close()
+
+
+def create_metric_writer(workdir: Path):
+    """clu `metric_writers.create_default_writer` (TensorBoard summaries in
+    workdir/tensorboard + the log) when clu imports, which needs TensorFlow; otherwise
+    `EventFileWriter` (same files, no TensorFlow). Only process 0 writes summaries."""
+    logdir = workdir / "tensorboard"
+    try:
+        from clu import metric_writers
+    except ImportError:
+        if jax.process_index() == 0:
+            return EventFileWriter(logdir)
+        return _LoggingWriter()
+    return metric_writers.create_default_writer(os.fspath(logdir),
+                                                just_logging=jax.process_index() > 0)
+
+
+class _LoggingWriter:
+    """Scalars to the log only (processes other than 0 when clu is unavailable)."""
+
+    def write_scalars(self, step: int, scalars: dict) -> None:
+        logger.info("[%d] %s", step, scalars)
+
+    def write_hparams(self, hparams: dict) -> None:
+        pass
+
+    def flush(self) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+class _MetricsLog:
+    """workdir/metrics.jsonl: one JSON record per epoch (process 0 writes)."""
+
+    def __init__(self, path: Path):
+        self.path = path
+
+    def truncate(self, last_epoch: int) -> None:
+        """Keeps the records of epochs <= last_epoch (a resumed run rewrites the later ones)."""
+        if jax.process_index() or not self.path.is_file():
+            return
+        kept = [line for line in self.path.read_text().splitlines()
+                if line.strip() and json.loads(line).get("epoch", 0) <= last_epoch]
+        temporary = self.path.with_name(f".{self.path.name}.tmp-{os.getpid()}")
+        temporary.write_text("".join(line + "\n" for line in kept))
+        os.replace(temporary, self.path)
+
+    def append(self, record: dict) -> None:
+        if jax.process_index():
+            return
+        with open(self.path, "a") as file:
+            file.write(json.dumps(record, sort_keys=True) + "\n")
+            file.flush()
+            os.fsync(file.fileno())
+
+
+# ----------------------------------------------------------------------------------------------
+# Preemption.
+
+
+class _PreemptionGuard:
+    """Turns SIGTERM into a request to stop after the current step (main thread only).
+
+    Multi-process runs ask jax's preemption sync point instead, so that every process stops
+    at the same step (it needs jax.distributed.initialize, which installs its own notifier).
+    """
+
+    def __init__(self):
+        self._requested = False
+        self._previous = None
+
+    def __enter__(self):
+        if jax.process_count() == 1 and threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGTERM, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        logger.warning("SIGTERM: stopping after the current step")
+        self._requested = True
+
+    def requested(self, step: int) -> bool:
+        if jax.process_count() > 1:
+            from jax.experimental import multihost_utils
+
+            return bool(multihost_utils.reached_preemption_sync_point(step))
+        return self._requested
+
+    def __exit__(self, *exc_info):
+        if self._previous is not None:
+            signal.signal(signal.SIGTERM, self._previous)
+        return False
+
+
+def _sync(name: str) -> None:
+    """Barrier across processes (no-op with one process)."""
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices(name)
+
+
+# ----------------------------------------------------------------------------------------------
+# The trainer.
+
+
+@dataclasses.dataclass
+class _EpochPlan:
+    """One epoch's batches for this process: ids [steps, local_batch(, 3)] and mask."""
+
+    ids: np.ndarray
+    mask: np.ndarray
+    record: dict  # what the plan's construction logs (κ, mined fraction, fallbacks, seconds)
+
+
+class _Trainer:
+    """The epoch loop's I/O shell around the pure pieces (one instance per run)."""
+
+    def __init__(self, config, workdir: Path):
+        self.config = config
+        self.workdir = workdir
+        self.kind = str(config.mining.kind)
+        self.mesh = Mesh(np.asarray(jax.devices()), ("data",))
+        self.replicated = NamedSharding(self.mesh, P())
+        self.batch_sharding = NamedSharding(self.mesh, P("data"))
+        progress = bool(config.train.progress) and jax.process_index() == 0
+
+        dataset = data.build_dataset(config.data, progress=progress)
+        dataset = subset_dataset(dataset, max_classes=int(config.subset.max_classes),
+                                 max_per_class=int(config.subset.max_per_class))
+        self.train = data.load(config.data, split="train", dataset=dataset, progress=progress)
+        self.test = data.load(config.data, split="test", dataset=dataset, progress=progress)
+        self.labels = np.asarray(self.train.labels, np.int32)
+        self.num_train = len(self.train)
+        self._check_data()
+
+        self.model = models.build_model(config.model)
+        data_config = data.resolve_config(config.data)
+        spec = models.model_spec(config.model.name)
+        if config.model.init_from and spec.channels not in (None, data_config["channels"]):
+            _fail("data.channels", f"{spec.channels} for the pretrained {spec.name} "
+                  f"(model.init_from)", data_config["channels"])
+        if spec.mean is not None and not config.model.init_from:
+            logger.warning("model.init_from is empty: %s trains from scratch (SPEC §4 starts "
+                           "from ImageNet weights)", spec.name)
+        augment, center = data.preprocessors(config.data)
+        image_shape = (data_config["crop_size"],) * 2 + (data_config["channels"],)
+
+        process_count = jax.process_count()
+        local_rows = math.ceil(self.num_train / process_count) * int(
+            config.train.triplets_per_anchor)
+        self.local_batch = int(config.train.batch_size) // process_count
+        self.local_images = inbatch_images(config) // process_count
+        if self.kind == "smart":
+            self.steps_per_epoch = math.ceil(local_rows / self.local_batch)
+        else:  # as many images an epoch as the triplet variants: 3 per triplet
+            self.steps_per_epoch = math.ceil(3 * local_rows / self.local_images)
+        self.embed_local_batch = int(config.train.embed_batch_size) // process_count
+
+        self.initial_state = self.own_buffers(
+            create_train_state(config, self.model, image_shape, self.steps_per_epoch))
+        self.schedule = learning_rate_schedule(config.optimizer, self.steps_per_epoch)
+        step = make_train_step(self.model, make_objective(config), augment)
+        self.train_step = jax.jit(step, donate_argnums=(0,),
+                                  out_shardings=(self.replicated, self.replicated))
+        self.embed = jax.jit(make_embed_fn(self.model, center),
+                             out_shardings=self.batch_sharding)
+        self.log = _MetricsLog(workdir / "metrics.jsonl")
+
+    # -- setup helpers ---------------------------------------------------------------------
+
+    def own_buffers(self, state: TrainState) -> TrainState:
+        """`state` replicated over the mesh with one buffer per leaf: the train step donates
+        the state, and equal leaves may share a buffer (e.g. the controller's NaN fit)."""
+        return jax.device_put(jax.tree.map(jnp.copy, state), self.replicated)
+
+    def _check_data(self) -> None:
+        config = self.config
+        sizes = np.bincount(self.labels)
+        if (sizes >= 2).sum() < 1 or (sizes > 0).sum() < 2:
+            raise ValueError(f"config.data: the training split needs two classes and a class "
+                             f"with two images (got class sizes {sizes.tolist()[:10]}...)")
+        if self.kind != "smart":
+            m = int(config.train.samples_per_class)
+            needed = inbatch_images(config) // jax.process_count() // m
+            if (sizes >= 2).sum() < needed:
+                _fail("train.inbatch_images", f"at most {m} × the {int((sizes >= 2).sum())} "
+                      f"training classes with two images or more (m-per-class batches of "
+                      f"{needed} distinct classes)", inbatch_images(config))
+
+    def neighbour_count(self) -> int:
+        """k of SPEC §2.2: `mining.k`, or 2 × the largest training class; at most N − 1."""
+        k = int(self.config.mining.k) or 2 * int(np.bincount(self.labels).max())
+        return min(k, self.num_train - 1)
+
+    def put(self, local: np.ndarray, sharding=None) -> jax.Array:
+        """A global array from this process's part of a batch (the whole batch on one host)."""
+        sharding = sharding or self.batch_sharding
+        if jax.process_count() == 1:
+            return jax.device_put(local, sharding)
+        global_shape = (local.shape[0] * jax.process_count(), *local.shape[1:])
+        return jax.make_array_from_process_local_data(sharding, local, global_shape)
+
+    def batches(self, images: np.ndarray, id_batches: Iterator) -> Iterator[jax.Array]:
+        if jax.process_count() == 1:
+            return data.prefetch_batches(images, id_batches, size=int(self.config.train.prefetch),
+                                         sharding=self.batch_sharding)
+        return (self.put(data.gather(images, ids)) for ids in id_batches)
+
+    @staticmethod
+    def local_rows(array: jax.Array) -> np.ndarray:
+        """This process's rows of a batch-sharded global array, in order."""
+        if jax.process_count() == 1:
+            return np.asarray(array)
+        shards = sorted(array.addressable_shards, key=lambda shard: shard.index[0].start or 0)
+        unique = {shard.index[0].start: shard for shard in shards}
+        return np.concatenate([np.asarray(shard.data) for shard in unique.values()])
+
+    # -- stages ----------------------------------------------------------------------------
+
+    def embed_split(self, state: TrainState, split, directory: Path):
+        """Embeds every image of `split` once (eval mode) into shards under `directory`;
+        returns all shards read back: (embeddings f32[N, D], labels i32[N], ids i64[N])."""
+        images = split.images
+        batch_size = self.embed_local_batch
+        num_batches = math.ceil(math.ceil(len(images) / jax.process_count()) / batch_size)
+        padding = data.InferenceBatch(
+            ids=np.full(batch_size, -1, np.int32),
+            images=np.zeros((batch_size, *images.shape[1:]), np.uint8),
+            mask=np.zeros(batch_size, bool))
+        batches = itertools.chain(
+            data.inference_batches(images, batch_size, shard_index=jax.process_index(),
+                                   num_shards=jax.process_count()), itertools.repeat(padding))
+        variables = {"params": state.params, "batch_stats": state.batch_stats}
+        outputs = [(batch, self.embed(variables, self.put(batch.images)))
+                   for batch in itertools.islice(batches, num_batches)]
+        ids = np.concatenate([batch.ids[batch.mask] for batch, _ in outputs])
+        embeddings = np.concatenate([self.local_rows(out)[batch.mask] for batch, out in outputs])
+        index.write_shard(directory, embeddings, np.asarray(split.labels)[ids], ids,
+                          shard=jax.process_index(), num_shards=jax.process_count())
+        _sync(f"shards {directory}")
+        embeddings, labels, ids = index.read_shards(directory)
+        if not np.array_equal(ids, np.arange(len(images))):
+            raise RuntimeError(f"{directory}: the embedding dump does not cover every image once")
+        return embeddings, labels, ids
+
+    def _triplet_plan(self, state: TrainState, epoch: int) -> _EpochPlan:
+        config, ctrl = self.config, state.controller
+        fraction = float(config.mining.mined_fraction)
+        anchors = _local_block(self.num_train)
+        per_anchor = int(config.train.triplets_per_anchor)
+        num_local = len(anchors) * per_anchor
+        process = jax.process_index()
+        seconds = {"embed": 0.0, "index": 0.0, "mine": 0.0}
+        record: dict = {"mining": False, "kappa": None, "mined_fraction": 0.0,
+                        "mined_fraction_target": 0.0}
+        if bool(ctrl.mining) and fraction > 0:
+            start = time.perf_counter()
+            dump = self.workdir / "embeddings" / f"epoch_{epoch:04d}"
+            embeddings, labels, _ = self.embed_split(state, self.train, dump)
+            self._remove_old_dumps(keep=dump)
+            embedded = time.perf_counter()
+            neighbour_ids, sq_dists = index.neighbours(
+                embeddings, self.neighbour_count(), backend=str(config.mining.backend),
+                query_ids=anchors, **self._index_options())
+            indexed = time.perf_counter()
+            kappa = float(ctrl.kappa)
+            mined, info = mining.mine_triplets(
+                _key(state.rng, _MINE, epoch), neighbour_ids, sq_dists, labels, kappa,
+                triplets_per_anchor=per_anchor, anchor_ids=anchors,
+                chunk_size=int(config.mining.chunk_size))
+            triplets, stats = mining.epoch_triplets(
+                _key(state.rng, _ASSEMBLE, epoch, process), mined, labels,
+                mined_fraction=fraction, num_triplets=num_local)
+            summary = jax.device_get(mining.mining_summary(mined, info))
+            triplets = jax.device_get(triplets)
+            seconds.update(embed=embedded - start, index=indexed - embedded,
+                           mine=time.perf_counter() - indexed)
+            record.update(mining=True, kappa=kappa, mined_fraction=float(stats.mined_fraction),
+                          mined_fraction_target=fraction, k=self.neighbour_count(),
+                          fallbacks={name: int(value) for name, value in summary.items()})
+        else:
+            triplets = jax.device_get(mining.random_triplets(
+                _key(state.rng, _RANDOM, epoch, process), self.labels, num_local))
+        rows = np.stack([triplets.anchor, triplets.positive, triplets.negative], axis=1)
+        ids, mask = _pad_rows(rows.astype(np.int32), self.steps_per_epoch * self.local_batch)
+        record["seconds"] = seconds
+        return _EpochPlan(ids.reshape(self.steps_per_epoch, self.local_batch, 3),
+                          mask.reshape(self.steps_per_epoch, self.local_batch), record)
+
+    def _image_plan(self, state: TrainState, epoch: int) -> _EpochPlan:
+        seed = np.asarray(jax.device_get(_key(state.rng, _BATCHES, epoch, jax.process_index())))
+        ids = data.m_per_class_batches(
+            self.labels, self.local_images, int(self.config.train.samples_per_class),
+            seed=np.random.default_rng(seed.tolist()), num_batches=self.steps_per_epoch)
+        return _EpochPlan(ids, np.ones(ids.shape, bool),
+                          {"mining": False, "kappa": None, "mined_fraction": 0.0,
+                           "mined_fraction_target": 0.0,
+                           "seconds": {"embed": 0.0, "index": 0.0, "mine": 0.0}})
+
+    def plan_epoch(self, state: TrainState, epoch: int) -> _EpochPlan:
+        """The epoch's batches, a pure function of (state at the epoch's start, epoch)."""
+        if self.kind == "smart":
+            return self._triplet_plan(state, epoch)
+        return self._image_plan(state, epoch)
+
+    def _index_options(self) -> dict:
+        if self.config.mining.backend == "scann":
+            return {"mode": str(self.config.mining.scann_mode)}
+        return {}
+
+    def _remove_old_dumps(self, keep: Path) -> None:
+        """Keeps only the latest epoch's embedding dump."""
+        _sync(f"dumps read {keep}")
+        if jax.process_index():
+            return
+        for path in keep.parent.glob("epoch_*"):
+            if path != keep:
+                shutil.rmtree(path, ignore_errors=True)
+
+    def evaluate(self, state: TrainState) -> dict[str, float]:
+        """metrics.evaluate on the test classes (Recall@K, NMI, MAP@R, R-precision)."""
+        embeddings, labels, _ = self.embed_split(state, self.test,
+                                                 self.workdir / "embeddings" / "test")
+        results = metrics.evaluate(embeddings, labels, seed=int(self.config.seed))
+        return {name: float(value) for name, value in results.items()}
+
+
+# ----------------------------------------------------------------------------------------------
+# Checkpoints.
+
+
+class _Checkpoints:
+    """orbax CheckpointManager in workdir/checkpoints; items "state" and "meta" (JSON).
+
+    meta: {"epoch": epoch of the checkpoint, "position": steps done in that epoch (None at an
+    epoch boundary), "epoch_start_step": checkpoint step of the epoch's start (None: the
+    initial state), "batch_losses", "batch_errors": per-step values so far}.
+    """
+
+    def __init__(self, directory: Path, keep: int):
+        import orbax.checkpoint as ocp
+
+        self.ocp = ocp
+        self.manager = ocp.CheckpointManager(
+            os.fspath(directory.absolute()),
+            options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True))
+
+    def latest(self) -> int | None:
+        return self.manager.latest_step()
+
+    def restore(self, step: int, abstract_state: TrainState) -> tuple[TrainState, dict]:
+        ocp = self.ocp
+        restored = self.manager.restore(step, args=ocp.args.Composite(
+            state=ocp.args.StandardRestore(abstract_state), meta=ocp.args.JsonRestore()))
+        return restored.state, dict(restored.meta)
+
+    def save(self, state: TrainState, meta: dict) -> None:
+        ocp = self.ocp
+        step = int(state.step)
+        if step in self.manager.all_steps():
+            return
+        self.manager.save(step, args=ocp.args.Composite(
+            state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)), force=True)
+
+    def delete(self, step: int) -> None:
+        if step in self.manager.all_steps():
+            self.manager.delete(step)
+
+    def close(self) -> None:
+        self.manager.wait_until_finished()
+        self.manager.close()
+
+
+def _abstract(state: TrainState) -> TrainState:
+    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
+                        state)
+
+
+# ----------------------------------------------------------------------------------------------
+# The loop.
+
+
+def _run_steps(trainer: _Trainer, state: TrainState, plan: _EpochPlan, start: int,
+               guard: _PreemptionGuard, progress) -> tuple[TrainState, list, bool]:
+    """Train steps `start`.. of the epoch's plan; returns (state, per-step metrics, stopped)."""
+    labels = trainer.labels
+    step_metrics = []
+    positions = range(start, trainer.steps_per_epoch)
+    images = trainer.batches(trainer.train.images, (plan.ids[i] for i in positions))
+    try:
+        for position, batch in zip(positions, images, strict=True):
+            ids = plan.ids[position]
+            batch_labels = labels[ids[:, 0] if ids.ndim == 2 else ids]
+            state, values = trainer.train_step(state, batch, trainer.put(batch_labels),
+                                               trainer.put(plan.mask[position]))
+            step_metrics.append(values)
+            progress.update()
+            if position % 10 == 0 or position + 1 == trainer.steps_per_epoch:
+                latest = jax.device_get(values)
+                progress.set_postfix(loss=f"{latest['loss']:.4f}",
+                                     error=f"{latest['training_error']:.3f}")
+            if position + 1 < trainer.steps_per_epoch and guard.requested(int(state.step)):
+                return state, step_metrics, True
+    finally:
+        if hasattr(images, "close"):
+            images.close()
+    return state, step_metrics, False
+
+
+def train_and_evaluate(config, workdir) -> dict[str, float]:
+    """Trains with the configured variant and returns the final test metrics (SPEC §2–4).
+
+    Resumes from workdir/checkpoints when there is a checkpoint (the config must match up to
+    RESUMABLE_FIELDS). Writes workdir/config.json, workdir/metrics.jsonl and metric-writer
+    summaries. Raises ValueError naming the config field for bad settings, `Preempted` after
+    saving a checkpoint on SIGTERM.
+    """
+    from tqdm.auto import tqdm
+
+    check_config(config)
+    workdir = Path(workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    trainer = _Trainer(config, workdir)
+    checkpoints = _Checkpoints(workdir / "checkpoints", int(config.train.checkpoints_to_keep))
+    writer = create_metric_writer(workdir)
+    try:
+        return _train(trainer, checkpoints, writer, tqdm)
+    finally:
+        checkpoints.close()
+        writer.flush()
+        writer.close()
+
+
+def _train(trainer: _Trainer, checkpoints: _Checkpoints, writer, tqdm) -> dict[str, float]:
+    config, workdir = trainer.config, trainer.workdir
+    latest = checkpoints.latest()
+    prepare_workdir(workdir, config, resuming=latest is not None)
+    state, meta = trainer.initial_state, {}
+    if latest is not None:
+        state, meta = checkpoints.restore(latest, _abstract(trainer.initial_state))
+        logger.info("resuming from %s, step %d (epoch %s, position %s)",
+                    workdir / "checkpoints", latest, meta.get("epoch"), meta.get("position"))
+    # A mid-epoch checkpoint: rebuild the epoch's plan from the epoch's starting state.
+    mid_epoch_step = latest if meta.get("position") is not None else None
+    epoch_start_state = state
+    if mid_epoch_step is not None and meta.get("epoch_start_step") is not None:
+        epoch_start_state = checkpoints.restore(meta["epoch_start_step"], _abstract(state))[0]
+    elif mid_epoch_step is not None:
+        epoch_start_state = trainer.initial_state
+    trainer.log.truncate(int(state.epoch))
+    if latest is None:
+        writer.write_hparams({name: str(value) for name, value in
+                              _flatten(_as_json(config.to_dict())).items()})
+
+    final: dict[str, float] | None = None
+    epochs = int(config.train.epochs)
+    images_per_step = (3 * int(config.train.batch_size) if trainer.kind == "smart"
+                       else inbatch_images(config))
+    show_progress = bool(config.train.progress) and jax.process_index() == 0
+    with _PreemptionGuard() as guard:
+        for epoch in range(int(state.epoch) + 1, epochs + 1):
+            epoch_started = time.perf_counter()
+            epoch_start_step = (int(epoch_start_state.step) if int(epoch_start_state.epoch) > 0
+                                else None)
+            plan = trainer.plan_epoch(epoch_start_state, epoch)
+            resuming = mid_epoch_step is not None
+            start = int(meta["position"]) if resuming else 0
+            batch_losses = list(meta["batch_losses"]) if resuming else []
+            batch_errors = list(meta["batch_errors"]) if resuming else []
+            train_started = time.perf_counter()
+            with tqdm(total=trainer.steps_per_epoch, initial=start, desc=f"epoch {epoch}",
+                      unit="step", disable=not show_progress, leave=False) as progress:
+                state, step_metrics, stopped = _run_steps(trainer, state, plan, start, guard,
+                                                          progress)
+            values = jax.device_get(step_metrics)
+            batch_losses += [float(value["loss"]) for value in values]
+            batch_errors += [float(value["training_error"]) for value in values]
+            train_seconds = time.perf_counter() - train_started
+            if stopped:
+                position = start + len(values)
+                checkpoints.save(state, {
+                    "epoch": epoch, "position": position, "epoch_start_step": epoch_start_step,
+                    "batch_losses": batch_losses, "batch_errors": batch_errors})
+                if mid_epoch_step is not None:  # keep one mid-epoch checkpoint at most
+                    checkpoints.delete(mid_epoch_step)
+                raise Preempted(f"SIGTERM: saved step {int(state.step)} (epoch {epoch}, step "
+                                f"{position} of {trainer.steps_per_epoch}); rerun the same "
+                                "command to resume")
+            training_error = float(np.mean(batch_errors))
+            state = trainer.own_buffers(state.replace(
+                epoch=state.epoch + 1,
+                controller=controller.update(state.controller, training_error)))
+            record = {
+                "epoch": epoch, "step": int(state.step), "loss": float(np.mean(batch_losses)),
+                "training_error": training_error,
+                "kappa_next": float(state.controller.kappa),
+                "learning_rate": float(trainer.schedule(int(state.step) - 1)),
+                **{name: value for name, value in plan.record.items() if name != "seconds"},
+                "seconds": {**plan.record["seconds"], "train": train_seconds, "eval": 0.0},
+                "train_images_per_second": len(values) * images_per_step / max(
+                    train_seconds, 1e-9),
+            }
+            if epoch % int(config.train.eval_every) == 0 or epoch == epochs:
+                eval_started = time.perf_counter()
+                final = trainer.evaluate(state)
+                record["seconds"]["eval"] = time.perf_counter() - eval_started
+                record["test"] = final
+            record["seconds"]["epoch"] = time.perf_counter() - epoch_started
+            trainer.log.append(record)
+            writer.write_scalars(epoch, {
+                name: value for name, value in _flatten(record).items()
+                if isinstance(value, (int, float)) and not isinstance(value, bool)})
+            writer.flush()
+            checkpoints.save(state, {"epoch": epoch, "position": None,
+                                     "epoch_start_step": epoch_start_step,
+                                     "batch_losses": [], "batch_errors": []})
+            if mid_epoch_step is not None:
+                checkpoints.delete(mid_epoch_step)  # superseded by the epoch's end
+                mid_epoch_step = None
+            epoch_start_state = state
+            if epoch < epochs and guard.requested(int(state.step)):
+                raise Preempted(f"SIGTERM: saved epoch {epoch}; rerun the same command to "
+                                "resume")
+    if final is None:  # nothing left to train: evaluate the restored state
+        final = trainer.evaluate(state)
+    return final

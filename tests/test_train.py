@@ -1,0 +1,404 @@
+"""Tests of smine_jax.train: optimiser, end-to-end runs (class folders, tfds mock data), every
+variant, config checks, resume refusal, and data parallelism (1 vs 4 CPU devices)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import pytest
+from PIL import Image
+
+from experiments.configs import common, omniglot
+from smine_jax import models, train
+
+REPO = Path(__file__).resolve().parents[1]
+EVAL_KEYS = {"recall@1", "recall@2", "recall@4", "recall@8", "nmi", "map@r", "r_precision"}
+
+
+def make_omniglot_folder(root: Path, num_classes: int = 12, per_class: int = 6,
+                         size: int = 20) -> Path:
+    """A tiny Omniglot-layout tree: images_background/ and images_evaluation/ of character
+    folders; each class is a random binary prototype, its images shifted noisy copies."""
+    rng = np.random.default_rng(0)
+    for split, offset in (("images_background", 0), ("images_evaluation", 1000)):
+        for label in range(num_classes):
+            folder = root / split / f"character{label + offset:04d}"
+            folder.mkdir(parents=True, exist_ok=True)
+            prototype = rng.random((size // 2, size // 2)) > 0.6
+            for drawer in range(per_class):
+                image = np.full((size, size), 255, np.uint8)
+                noisy = prototype ^ (rng.random(prototype.shape) > 0.9)
+                dy, dx = rng.integers(0, size // 4, 2)
+                window = image[dy:dy + size // 2, dx:dx + size // 2]
+                window[noisy[:window.shape[0], :window.shape[1]]] = 0
+                Image.fromarray(image).save(folder / f"{label:04d}_{drawer:02d}.png")
+    return root
+
+
+def tiny_config(data_dir, cache_dir, variants: str = "smoke", **sections) -> ml_collections:
+    """omniglot.py:smoke shrunk further (16² images, 12 classes × 6) for in-process tests."""
+    config = omniglot.get_config(variants)
+    config.data.update(dir=str(data_dir), cache_dir=str(cache_dir), image_size=16,
+                       crop_size=16)
+    config.model.update(width=8, depth=2, embedding_dim=16)
+    config.subset.update(max_classes=0, max_per_class=0)
+    config.train.update(batch_size=16, inbatch_images=24, embed_batch_size=32, progress=False)
+    if config.train.samples_per_class == 2:
+        config.train.inbatch_images = 16
+    for section, fields in sections.items():
+        config[section].update(fields)
+    return config
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+    root = tmp_path_factory.mktemp("data")
+    return make_omniglot_folder(root / "omniglot"), root / "cache"
+
+
+def _records(workdir: Path) -> list[dict]:
+    return [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+
+
+# ----------------------------------------------------------------------------------------------
+# Optimiser: SGD + momentum, coupled L2, head ×10, lr halved every `lr_halve_every` epochs.
+
+
+def test_optimizer_matches_caffe_style_sgd_reference():
+    config = ml_collections.ConfigDict(dict(learning_rate=0.1, lr_halve_every=2, momentum=0.9,
+                                            nesterov=False, weight_decay=5e-4,
+                                            head_lr_multiplier=10.0))
+    steps_per_epoch = 3
+    tx = train.make_optimizer(config, steps_per_epoch)
+    rng = np.random.default_rng(0)
+    params = {"backbone": {"w": rng.normal(size=(4, 3)).astype(np.float32)},
+              "head": {"kernel": rng.normal(size=(3, 2)).astype(np.float32)}}
+    state = tx.init(jax.tree.map(jnp.asarray, params))
+    current = jax.tree.map(jnp.asarray, params)
+    reference = {k: {n: v.astype(np.float64) for n, v in p.items()} for k, p in params.items()}
+    velocity = {k: {n: np.zeros_like(v) for n, v in p.items()} for k, p in reference.items()}
+    for step in range(2 * 2 * steps_per_epoch + 1):  # crosses two halvings
+        grads = {k: {n: rng.normal(size=v.shape).astype(np.float32) for n, v in p.items()}
+                 for k, p in params.items()}
+        updates, state = tx.update(jax.tree.map(jnp.asarray, grads), state, current)
+        current = jax.tree.map(lambda p, u: p + u, current, updates)
+        lr = 0.1 * 0.5 ** (step // (2 * steps_per_epoch))
+        for part, multiplier in (("backbone", 1.0), ("head", 10.0)):
+            for name in reference[part]:
+                decayed = grads[part][name] + 5e-4 * reference[part][name]  # coupled L2
+                velocity[part][name] = 0.9 * velocity[part][name] + decayed
+                reference[part][name] = reference[part][name] - multiplier * lr * velocity[
+                    part][name]
+    for part in reference:
+        for name in reference[part]:
+            np.testing.assert_allclose(current[part][name], reference[part][name], rtol=1e-5,
+                                       atol=1e-6)
+    schedule = train.learning_rate_schedule(config, steps_per_epoch)
+    assert [float(schedule(s)) for s in (0, 5, 6, 12)] == pytest.approx([0.1, 0.1, 0.05, 0.025])
+
+
+def test_subset_dataset_keeps_first_classes_and_samples(folder):
+    from smine_jax import data
+
+    data_dir, cache_dir = folder
+    config = tiny_config(data_dir, cache_dir)
+    dataset = data.build_dataset(config.data, progress=False)
+    small = train.subset_dataset(dataset, max_classes=3, max_per_class=2)
+    assert small.counts() == {"train": 6, "test": 6}
+    train_part = small.subset("train")
+    np.testing.assert_array_equal(train_part.labels, [0, 0, 1, 1, 2, 2])
+    full_train = dataset.subset("train")
+    expected = [item for label in range(3)
+                for item in [full_train.items[i] for i in np.flatnonzero(
+                    full_train.labels == label)[:2]]]
+    assert list(train_part.items) == expected
+    assert train.subset_dataset(dataset) is dataset
+
+
+# ----------------------------------------------------------------------------------------------
+# End to end.
+
+
+def test_end_to_end_on_class_folders_logs_checkpoints_and_extends(folder, tmp_path):
+    data_dir, cache_dir = folder
+    # κ₀ = 1 so that mining finds triplets on this tiny set (epoch 3 is the first mining epoch).
+    config = tiny_config(data_dir, cache_dir, controller={"kappa_init": 1.0})
+    workdir = tmp_path / "run"
+    results = train.train_and_evaluate(config, workdir)
+    assert EVAL_KEYS <= set(results)
+    assert all(np.isfinite(results[key]) for key in EVAL_KEYS)
+
+    records = _records(workdir)
+    assert [r["epoch"] for r in records] == [1, 2, 3]
+    assert [r["mining"] for r in records] == [False, False, True]
+    steps = -(-72 // 16)  # 12 classes × 6 images, 16 triplets a batch
+    assert [r["step"] for r in records] == [steps, 2 * steps, 3 * steps]
+    mined = records[2]
+    assert mined["kappa"] == 1.0 and mined["mined_fraction_target"] == 0.5
+    assert mined["fallbacks"]["triplets"] == 72 and mined["k"] == 12
+    assert mined["fallbacks"]["mined"] > 0
+    # The share actually used: round(0.5 × 72) mined triplets, or all there are.
+    assert mined["mined_fraction"] == pytest.approx(min(36, mined["fallbacks"]["mined"]) / 72)
+    for record in records:
+        assert set(record["seconds"]) == {"embed", "index", "mine", "train", "eval", "epoch"}
+        assert 0 <= record["training_error"] <= 1 and np.isfinite(record["loss"])
+        assert EVAL_KEYS <= set(record["test"])
+    assert records[0]["seconds"]["embed"] == 0 and mined["seconds"]["embed"] > 0
+    assert records[-1]["test"] == pytest.approx(results)
+    # κ bookkeeping: random epochs record κ_random, the controller sets the next κ.
+    assert records[0]["kappa_next"] == 64.0 and records[1]["kappa_next"] == 1.0
+
+    saved = json.loads((workdir / "config.json").read_text())
+    assert saved["config"]["controller"]["kappa_init"] == 1.0
+    assert "jax" in saved["versions"] and "git_revision" in saved
+    assert sorted(p.name for p in (workdir / "embeddings").iterdir()) == ["epoch_0003", "test"]
+    assert any(p.name.startswith("events.out.tfevents.")
+               for p in (workdir / "tensorboard").iterdir())
+    assert sorted(int(p.name) for p in (workdir / "checkpoints").iterdir()
+                  if p.name.isdigit()) == [steps, 2 * steps, 3 * steps]
+
+    # A different config is refused, naming --workdir and the field ...
+    changed = tiny_config(data_dir, cache_dir, controller={"kappa_init": 1.0},
+                          loss={"margin": 0.3})
+    with pytest.raises(ValueError, match=r"--workdir=.*loss\.margin: 0\.2 -> 0\.3"):
+        train.train_and_evaluate(changed, workdir)
+    # ... but more epochs resume from the last checkpoint and train one more epoch.
+    longer = tiny_config(data_dir, cache_dir, controller={"kappa_init": 1.0},
+                         train={"epochs": 4})
+    train.train_and_evaluate(longer, workdir)
+    records = _records(workdir)
+    assert [r["epoch"] for r in records] == [1, 2, 3, 4]
+    assert records[3]["kappa"] == records[2]["kappa_next"]
+
+
+@pytest.mark.slow
+def test_end_to_end_under_tfds_mock_data(tmp_path):
+    tfds = pytest.importorskip("tensorflow_datasets")
+    from experiments.configs import cub
+
+    config = cub.get_config("smoke")
+    config.data.update(source="tfds", cache_dir=str(tmp_path / "cache"), image_size=20,
+                       crop_size=16)
+    config.model.update(width=8, depth=2, embedding_dim=16)
+    config.subset.update(max_classes=0, max_per_class=0)
+    config.train.update(epochs=1, batch_size=16, embed_batch_size=32, progress=False)
+    config.controller.random_epochs = 0  # mine in the only epoch
+    with tfds.testing.mock_data(num_examples=60, policy=tfds.testing.MockPolicy.USE_CODE):
+        results = train.train_and_evaluate(config, tmp_path / "run")
+    assert EVAL_KEYS <= set(results)
+    (record,) = _records(tmp_path / "run")
+    assert record["mining"] and record["fallbacks"]["triplets"] > 0
+    assert record["step"] == -(-record["fallbacks"]["triplets"] // 16)
+
+
+VARIANT_NAMES = sorted(common.VARIANTS)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("variant", VARIANT_NAMES)
+def test_every_variant_runs_one_epoch(folder, tmp_path, variant):
+    data_dir, cache_dir = folder
+    config = tiny_config(data_dir, cache_dir, f"smoke,{variant}", train={"epochs": 1},
+                         controller={"random_epochs": 0, "kappa_init": 1.0})
+    results = train.train_and_evaluate(config, tmp_path / variant)
+    assert EVAL_KEYS <= set(results)
+    (record,) = _records(tmp_path / variant)
+    assert np.isfinite(record["loss"]) and 0 <= record["training_error"] <= 1
+    smart_mining = config.mining.kind == "smart" and config.mining.mined_fraction > 0
+    assert record["mining"] == smart_mining
+    if not smart_mining:  # embed / index / mine skipped: the time split records 0
+        assert [record["seconds"][s] for s in ("embed", "index", "mine")] == [0, 0, 0]
+
+
+# ----------------------------------------------------------------------------------------------
+# Config checks.
+
+
+@pytest.mark.parametrize("section,field,value,message", [
+    ("train", "batch_size", 0, r"config\.train\.batch_size=0: expected an integer >= 1"),
+    ("mining", "kind", "hardest", r"config\.mining\.kind='hardest'"),
+    ("mining", "mined_fraction", 1.5, r"config\.mining\.mined_fraction=1\.5"),
+    ("loss", "kind", "lifted", r"config\.mining\.kind='smart': expected 'none' exactly"),
+    ("optimizer", "momentum", 1.0, r"config\.optimizer\.momentum=1\.0"),
+    ("mining", "backend", "faiss", r"config\.mining\.backend='faiss'"),
+    ("controller", "target_error", 1.5, r"^config\.controller\.target_error: must lie in"),
+    ("data", "channels", 2, r"^data\.channels: expected 1 or 3"),
+    ("model", "dtype", "float16", r"^model\.dtype='float16'"),
+])
+def test_check_config_names_the_field(section, field, value, message):
+    config = omniglot.get_config()
+    config[section][field] = value
+    with pytest.raises(ValueError, match=message):
+        train.check_config(config)
+
+
+def test_check_config_accepts_every_variant():
+    for variant in VARIANT_NAMES:
+        train.check_config(omniglot.get_config(f"smoke,{variant}"))
+
+
+def test_too_few_classes_for_in_batch_batches_is_a_config_error(folder, tmp_path):
+    data_dir, cache_dir = folder
+    config = tiny_config(data_dir, cache_dir, "smoke,semihard", train={"inbatch_images": 64})
+    with pytest.raises(ValueError, match=r"config\.train\.inbatch_images=64: expected at most 4"):
+        train.train_and_evaluate(config, tmp_path / "run")
+
+
+# ----------------------------------------------------------------------------------------------
+# Data parallel: a train step on 1 and on 4 devices gives the same loss and parameters.
+
+_PARALLEL_SCRIPT = textwrap.dedent("""
+    import json, sys
+    import jax, jax.numpy as jnp, numpy as np
+    from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+    from experiments.configs import omniglot
+    from smine_jax import data, models, train
+
+    assert jax.device_count() == 4, jax.devices()
+    out = {}
+    for variant in ("smoke", "smoke,semihard"):
+        config = omniglot.get_config(variant)
+        config.model.update(width=8, depth=2, embedding_dim=16)
+        config.data.update(image_size=20, crop_size=16)
+        model = models.build_model(config.model)
+        augment, _ = data.preprocessors(config.data)
+        step = train.make_train_step(model, train.make_objective(config), augment)
+        rng = np.random.default_rng(0)
+        rows = 16 if variant == "smoke" else 32
+        shape = (rows, 3, 20, 20, 1) if variant == "smoke" else (rows, 20, 20, 1)
+        images = rng.integers(0, 256, shape).astype(np.uint8)
+        labels = np.repeat(np.arange(rows // 4), 4).astype(np.int32)
+        mask = np.arange(rows) < rows - 3  # a padded tail
+        results = []
+        for devices in (jax.devices()[:1], jax.devices()):
+            mesh = Mesh(np.asarray(devices), ("data",))
+            replicated, batch = NamedSharding(mesh, P()), NamedSharding(mesh, P("data"))
+            state = train.create_train_state(config, model, (16, 16, 1), 10)
+            state = jax.device_put(jax.tree.map(jnp.copy, state), replicated)
+            jitted = jax.jit(step, out_shardings=(replicated, replicated))
+            for _ in range(2):
+                state, metrics = jitted(state, jax.device_put(images, batch),
+                                        jax.device_put(labels, batch),
+                                        jax.device_put(mask, batch))
+            assert len(state.params["head"]["kernel"].sharding.device_set) == len(devices)
+            results.append((float(metrics["loss"]), jax.tree.leaves(jax.device_get(
+                {"params": state.params, "batch_stats": state.batch_stats}))))
+        (loss_1, leaves_1), (loss_4, leaves_4) = results
+        out[variant] = {
+            "loss": [loss_1, loss_4],
+            "max_param_diff": max(float(np.max(np.abs(a - b)))
+                                  for a, b in zip(leaves_1, leaves_4)),
+        }
+    print(json.dumps(out))
+""")
+
+
+@pytest.mark.slow
+def test_train_step_on_one_and_four_devices_agrees():
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4",
+           "JAX_PLATFORMS": "cpu"}
+    result = subprocess.run([sys.executable, "-c", _PARALLEL_SCRIPT], cwd=REPO, env=env,
+                            capture_output=True, text=True, timeout=300, check=False)
+    assert result.returncode == 0, result.stderr[-3000:]
+    out = json.loads(result.stdout.strip().splitlines()[-1])
+    for variant, values in out.items():
+        loss_1, loss_4 = values["loss"]
+        assert loss_1 == pytest.approx(loss_4, abs=1e-5), variant
+        assert values["max_param_diff"] < 1e-5, variant
+
+
+def test_train_state_round_trips_through_orbax(folder, tmp_path):
+    data_dir, cache_dir = folder
+    config = tiny_config(data_dir, cache_dir)
+    model = models.build_model(config.model)
+    state = train.create_train_state(config, model, (16, 16, 1), 5)
+    checkpoints = train._Checkpoints(tmp_path / "checkpoints", 3)
+    state = state.replace(step=jnp.int32(7), epoch=jnp.int32(2))
+    checkpoints.save(state, {"epoch": 2, "position": None})
+    checkpoints.manager.wait_until_finished()
+    restored, meta = checkpoints.restore(7, jax.tree.map(
+        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), state))
+    checkpoints.close()
+    assert meta == {"epoch": 2, "position": None}
+    assert isinstance(restored, train.TrainState) and restored.tx is state.tx
+    for a, b in zip(jax.tree.leaves(state), jax.tree.leaves(restored), strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    assert restored.controller.config == state.controller.config
+
+
+# ----------------------------------------------------------------------------------------------
+# TensorBoard events without TensorFlow.
+
+
+def _read_varint(data: bytes, position: int) -> tuple[int, int]:
+    value = shift = 0
+    while True:
+        byte = data[position]
+        value |= (byte & 0x7F) << shift
+        position, shift = position + 1, shift + 7
+        if not byte & 0x80:
+            return value, position
+
+
+def _proto_fields(data: bytes) -> list[tuple[int, object]]:
+    """(field number, value) of a protobuf message: varint, fixed64/32 as bytes, or bytes."""
+    fields, position = [], 0
+    while position < len(data):
+        key, position = _read_varint(data, position)
+        number, wire = key >> 3, key & 7
+        if wire == 0:
+            value, position = _read_varint(data, position)
+        elif wire == 1:
+            value, position = data[position:position + 8], position + 8
+        elif wire == 5:
+            value, position = data[position:position + 4], position + 4
+        else:
+            length, position = _read_varint(data, position)
+            value, position = data[position:position + length], position + length
+        fields.append((number, value))
+    return fields
+
+
+def _masked(crc: int) -> int:
+    return (((crc >> 15) | (crc << 17)) + 0xA282EAD8) & 0xFFFFFFFF
+
+
+def test_event_file_writer_writes_tfrecord_framed_scalar_events(tmp_path):
+    import struct
+
+    assert train.crc32c(b"123456789") == 0xE3069283  # the CRC-32C check value
+    assert train.crc32c(b"") == 0
+    writer = train.EventFileWriter(tmp_path / "tb")
+    writer.write_scalars(3, {"loss": 0.25, "test.recall@1": 0.5})
+    writer.write_scalars(4, {"loss": 0.125})
+    writer.close()
+    (path,) = (tmp_path / "tb").iterdir()
+    assert path.name.startswith("events.out.tfevents.")
+    data, position, events = path.read_bytes(), 0, []
+    while position < len(data):
+        header = data[position:position + 8]
+        (length,) = struct.unpack("<Q", header)
+        assert struct.unpack("<I", data[position + 8:position + 12])[0] == _masked(
+            train.crc32c(header))
+        payload = data[position + 12:position + 12 + length]
+        (crc,) = struct.unpack("<I", data[position + 12 + length:position + 16 + length])
+        assert crc == _masked(train.crc32c(payload))
+        events.append(dict(_proto_fields(payload)))
+        position += 16 + length
+    assert events[0][3] == b"brain.Event:2"
+    scalars = {}
+    for event in events[1:]:
+        for number, value in _proto_fields(event[5]):
+            assert number == 1
+            entry = dict(_proto_fields(value))
+            scalars[(event[2], entry[1].decode())] = struct.unpack("<f", entry[2])[0]
+    assert scalars == {(3, "loss"): 0.25, (3, "test.recall@1"): 0.5, (4, "loss"): 0.125}
