@@ -18,7 +18,7 @@ import pytest
 from PIL import Image
 
 from experiments.configs import common, omniglot
-from smine_jax import models, train
+from smine_jax import logs, models, train
 
 REPO = Path(__file__).resolve().parents[1]
 EVAL_KEYS = {"recall@1", "recall@2", "recall@4", "recall@8", "nmi", "map@r", "r_precision"}
@@ -375,9 +375,9 @@ def _masked(crc: int) -> int:
 def test_event_file_writer_writes_tfrecord_framed_scalar_events(tmp_path):
     import struct
 
-    assert train.crc32c(b"123456789") == 0xE3069283  # the CRC-32C check value
-    assert train.crc32c(b"") == 0
-    writer = train.EventFileWriter(tmp_path / "tb")
+    assert logs.crc32c(b"123456789") == 0xE3069283  # the CRC-32C check value
+    assert logs.crc32c(b"") == 0
+    writer = logs.EventFileWriter(tmp_path / "tb")
     writer.write_scalars(3, {"loss": 0.25, "test.recall@1": 0.5})
     writer.write_scalars(4, {"loss": 0.125})
     writer.close()
@@ -388,10 +388,10 @@ def test_event_file_writer_writes_tfrecord_framed_scalar_events(tmp_path):
         header = data[position:position + 8]
         (length,) = struct.unpack("<Q", header)
         assert struct.unpack("<I", data[position + 8:position + 12])[0] == _masked(
-            train.crc32c(header))
+            logs.crc32c(header))
         payload = data[position + 12:position + 12 + length]
         (crc,) = struct.unpack("<I", data[position + 12 + length:position + 16 + length])
-        assert crc == _masked(train.crc32c(payload))
+        assert crc == _masked(logs.crc32c(payload))
         events.append(dict(_proto_fields(payload)))
         position += 16 + length
     assert events[0][3] == b"brain.Event:2"
