@@ -76,8 +76,9 @@ def _write_json_atomic(path: Path, value) -> None:
 
 
 def prepare_workdir(workdir: Path, config, *, resuming: bool,
-                    resumable_fields: tuple[str, ...] = ()) -> None:
-    """Writes workdir/config.json (config, package versions, git revision).
+                    resumable_fields: tuple[str, ...] = (), dataset: dict | None = None) -> None:
+    """Writes workdir/config.json (config, package versions, git revision, and `dataset`: the
+    image and class counts the run found, so a run with `data.strict_counts=False` records them).
 
     When resuming, the saved config must equal `config` up to `resumable_fields`, else
     ValueError naming --workdir and the differing fields.
@@ -102,7 +103,8 @@ def prepare_workdir(workdir: Path, config, *, resuming: bool,
                                   "git_revision": _git_revision(),
                                   "written": datetime.datetime.now().isoformat(timespec="seconds"),
                                   "process_count": jax.process_count(),
-                                  "device_count": jax.device_count()})
+                                  "device_count": jax.device_count(),
+                                  "dataset": dataset})
 
 
 def _crc32c_table() -> list[int]:

@@ -461,6 +461,7 @@ class _Trainer:
         progress = bool(config.train.progress) and jax.process_index() == 0
 
         dataset = data.build_dataset(config.data, progress=progress)
+        self.full_counts = dict(dataset.counts())
         dataset = subset_dataset(dataset, max_classes=int(config.subset.max_classes),
                                  max_per_class=int(config.subset.max_per_class))
         self.train = data.load(config.data, split="train", dataset=dataset, progress=progress)
@@ -508,6 +509,12 @@ class _Trainer:
         """`state` replicated over the mesh with one buffer per leaf: the train step donates
         the state, and equal leaves may share a buffer (e.g. the controller's NaN fit)."""
         return jax.device_put(jax.tree.map(jnp.copy, state), self.replicated)
+
+    def dataset_counts(self) -> dict:
+        """Images and classes of the whole dataset and of the splits this run uses (subset)."""
+        return {"dataset": self.full_counts,
+                "train": {"images": self.num_train, "classes": int(self.train.num_classes)},
+                "test": {"images": len(self.test), "classes": int(self.test.num_classes)}}
 
     def _check_data(self) -> None:
         config = self.config
@@ -771,7 +778,7 @@ def _train(trainer: _Trainer, checkpoints: _Checkpoints, writer, tqdm) -> dict[s
     config, workdir = trainer.config, trainer.workdir
     latest = checkpoints.latest()
     logs.prepare_workdir(workdir, config, resuming=latest is not None,
-                         resumable_fields=RESUMABLE_FIELDS)
+                         resumable_fields=RESUMABLE_FIELDS, dataset=trainer.dataset_counts())
     state, meta = trainer.initial_state, {}
     if latest is not None:
         state, meta = checkpoints.restore(latest, _abstract(trainer.initial_state))

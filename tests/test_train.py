@@ -160,6 +160,8 @@ def test_end_to_end_on_class_folders_logs_checkpoints_and_extends(folder, tmp_pa
     saved = json.loads((workdir / "config.json").read_text())
     assert saved["config"]["controller"]["kappa_init"] == 1.0
     assert "jax" in saved["versions"] and "git_revision" in saved
+    assert saved["dataset"]["train"] == {"images": 72, "classes": 12}
+    assert saved["dataset"]["dataset"]["train"] >= 72
     assert sorted(p.name for p in (workdir / "embeddings").iterdir()) == ["epoch_0003", "test"]
     assert any(p.name.startswith("events.out.tfevents.")
                for p in (workdir / "tensorboard").iterdir())
