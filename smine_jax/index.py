@@ -444,8 +444,8 @@ def scann_config(num_rows: int, k: int, **options) -> ScannConfig:
 
     Options: ``mode`` ("brute_force" default, or "tree_ah"); ``num_threads`` (default: the
     cores this process may use); ``batch_size`` (queries per parallel batch, 256). tree_ah only:
-    ``num_leaves`` (≈ √N), ``num_leaves_to_search`` (10 % of the leaves, and at least enough
-    leaves to hold ~4 (k + 1) rows on average: max(⌈L / 10⌉, ⌈4 (k + 1) L / N⌉), at most L),
+    ``num_leaves`` (≈ √N), ``num_leaves_to_search`` (20 % of the leaves, and at least enough
+    leaves to hold ~4 (k + 1) rows on average: max(⌈L / 5⌉, ⌈4 (k + 1) L / N⌉), at most L),
     ``reorder_k`` (AH candidates re-scored exactly, 4 (k + 1)), ``training_sample_size``
     (min(N, 100 000)), ``dims_per_block`` (dimensions per AH sub-space, 1). A query whose
     searched leaves hold fewer than k + 1 rows is searched again in every leaf.
@@ -454,8 +454,9 @@ def scann_config(num_rows: int, k: int, **options) -> ScannConfig:
     50, N = 20k and 100k, 2 cores): AH with 1 dimension per block re-ranked 4 (k + 1) deep
     costs about what 2 dimensions per block cost and is more accurate (N = 100k, 40 % of the
     leaves: recall 0.985 against 0.92); recall then depends mostly on the fraction of leaves
-    searched (0.86 at 10 %, 0.985 at 40 %), the speed/recall knob: the AH cost is ~3 ns per
-    scored row, leaves searched × N / L rows per query.
+    searched (0.86 at 10 %, 0.94 at 20 %, 0.985 at 40 %), the speed/recall knob: the AH cost
+    is ~3 ns per scored row, leaves searched × N / L rows per query. 20 % keeps N = 1M within
+    ~6 minutes on 2 cores (benchmarks/mining_bench.py).
     Unknown options, or tree_ah options with mode="brute_force", raise ValueError.
     """
     unknown = sorted(set(options) - set(_SCANN_OPTIONS))
@@ -475,8 +476,8 @@ def scann_config(num_rows: int, k: int, **options) -> ScannConfig:
         "num_leaves", options.get("num_leaves", max(1, round(math.sqrt(num_rows)))))
     if num_leaves > num_rows:
         raise ValueError(f"num_leaves: expected at most N = {num_rows}, got {num_leaves}")
-    # Search 10 % of the leaves, and leaves holding ~4 (k + 1) rows on average at least.
-    default_to_search = min(num_leaves, max(-(-num_leaves // 10),
+    # Search 20 % of the leaves, and leaves holding ~4 (k + 1) rows on average at least.
+    default_to_search = min(num_leaves, max(-(-num_leaves // 5),
                                             -(-4 * (k + 1) * num_leaves // num_rows)))
     num_leaves_to_search = _positive_int(
         "num_leaves_to_search", options.get("num_leaves_to_search", default_to_search))

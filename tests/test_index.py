@@ -230,7 +230,7 @@ def test_bad_options_rejected(kwargs, match):
 
 def test_scann_defaults_derive_from_n_and_k():
     config = index.scann_config(10_000, 128, mode="tree_ah")
-    assert (config.num_leaves, config.num_leaves_to_search) == (100, 10)  # 10 % of √N leaves
+    assert (config.num_leaves, config.num_leaves_to_search) == (100, 20)  # 20 % of √N leaves
     assert (config.reorder_k, config.dims_per_block) == (516, 1)
     assert config.training_sample_size == 10_000
     # Small N: enough leaves for ~4 (k + 1) rows, ⌈4 · 129 · 45 / 2000⌉ = 12 of 45.
