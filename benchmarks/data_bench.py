@@ -141,29 +141,30 @@ def main(argv=None) -> dict:
           f"GLIBC_TUNABLES={os.environ.get('GLIBC_TUNABLES', '')!r}; workdir {workdir}")
     results: dict = {"cpus": os.cpu_count(), "device": jax.devices()[0].platform}
 
+    def time_builds(name: str, description: str, dataset, cache_dir: Path):
+        """Times the cache build with each executor; returns the last build's images."""
+        images = None
+        for executor in executors:
+            rate, images = time_cache_build(dataset, cache_dir, args.image_size, 3, executor,
+                                            workers)
+            results[f"{name} cache build ({executor}) images/s"] = rate
+            print(f"{name} cache build, {description} -> {args.image_size}², {executor} pool: "
+                  f"{rate:,.0f} images/s")
+        return images
+
     omniglot = Path(args.omniglot_dir)
     if (omniglot / "images_background").is_dir():
         dataset = sources.omniglot_folder(omniglot)
         if args.omniglot_limit:
             dataset = dataset.select(np.arange(min(args.omniglot_limit, len(dataset))))
-        for executor in executors:
-            rate, _ = time_cache_build(dataset, workdir / "omniglot", args.image_size, 3,
-                                       executor, workers)
-            results[f"omniglot cache build ({executor}) images/s"] = rate
-            print(f"omniglot cache build, {len(dataset)} PNGs 105² -> {args.image_size}², "
-                  f"{executor} pool: {rate:,.0f} images/s")
+        time_builds("omniglot", f"{len(dataset)} PNGs 105²", dataset, workdir / "omniglot")
     else:
         print(f"omniglot: skipped (no {omniglot})")
 
     jpeg_root = make_jpeg_folder(workdir / "jpegs", args.num_jpegs, width, height)
     dataset = sources.class_folders(jpeg_root).select(np.arange(args.num_jpegs))
-    images = None
-    for executor in executors:
-        rate, images = time_cache_build(dataset, workdir / "jpegs-cache", args.image_size, 3,
-                                        executor, workers)
-        results[f"jpeg cache build ({executor}) images/s"] = rate
-        print(f"jpeg cache build, {len(dataset)} JPEGs {width}×{height} -> {args.image_size}², "
-              f"{executor} pool: {rate:,.0f} images/s")
+    images = time_builds("jpeg", f"{len(dataset)} JPEGs {width}×{height}", dataset,
+                         workdir / "jpegs-cache")
 
     if images is not None:
         rates = time_gather_augment(images, args.batch_size, args.crop_size, args.steps)
