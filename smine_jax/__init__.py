@@ -1,10 +1,18 @@
 """smine_jax: Smart Mining for Deep Metric Learning (Harwood et al., ICCV 2017) in JAX/Flax.
 
 Modules (pure functions first, I/O at the edges):
-  losses      ratio triplet (Eq. 2), global (Eq. 3), margin triplet, lifted structure, N-pairs
-  metrics     Recall@K, NMI (+ k-means), MAP@R, R-precision
-  knn         exact chunked k-nearest neighbours on the device (shared by metrics and index)
-  validation  argument checks with errors that name the argument
+  losses        ratio triplet (Eq. 2), global (Eq. 3), margin triplet, lifted structure, N-pairs
+  metrics       Recall@K, NMI (+ k-means), MAP@R, R-precision
+  knn           exact chunked k-nearest neighbours on the device (shared by metrics and index)
+  index         embedding shard dumps; neighbour search backends (exact, ScaNN)
+  mining        smart mining (Algorithm 1), random triplets, an epoch's triplet list
+  batch_miners  in-batch baselines: semi-hard, batch-hard, distance-weighted sampling
+  controller    the adaptive κ controller (Eqs. 7-8) and the manual schedule
+  models        Flax backbones (GoogLeNet, ResNet-50, small conv net) + embedding head
+  data          dataset sources, image cache, on-device augmentation, batch samplers
+  train         train state, jitted steps, the epoch loop, checkpoints
+  logs          what a run records in its workdir (config.json, metrics.jsonl, TensorBoard)
+  validation    argument checks with errors that name the argument
 """
 
 __version__ = "0.1.0"
