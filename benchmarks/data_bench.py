@@ -13,10 +13,12 @@ Each cache build starts from an empty cache directory; `--executor thread,proces
 the two decoding pools (process includes the start of spawned workers, ~1-2 s). Prints one
 line per measurement and a JSON summary at the end.
 
-On a CPU the augmentation of a batch of 128 at 227² writes a fresh 75 MiB float32 buffer per
-call; glibc serves allocations above 32 MiB with mmap, so every call pays ~19k page faults.
-`GLIBC_TUNABLES=glibc.malloc.hugetlb=1` (transparent huge pages for malloc, glibc >= 2.35)
-cuts that cost; run it both ways to see it. On a GPU the device allocator reuses memory.
+On a CPU the augmentation of a batch of 128 at 227² writes a 75 MiB float32 buffer per call,
+allocated by XLA's worker threads; glibc's per-thread arenas cannot hold it, so without tuning
+every call is a fresh mmap with ~19k page faults. The script applies
+`smine_jax.hostmem.tune_malloc` (one arena, no mmap / trim of large blocks) as the experiment
+entry points do, before jax runs; `--no-malloc-tuning` measures without it. On a GPU the device
+allocator reuses memory.
 """
 
 from __future__ import annotations
@@ -34,6 +36,11 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from smine_jax import hostmem  # noqa: E402
+
+# Before jax runs anything (see the module docstring); --no-malloc-tuning opts out.
+MALLOC_TUNED = "--no-malloc-tuning" not in sys.argv and hostmem.tune_malloc()
 
 import jax  # noqa: E402
 from PIL import Image  # noqa: E402
@@ -131,6 +138,8 @@ def main(argv=None) -> dict:
                         help="comma-separated decoding pools to time: thread, process")
     parser.add_argument("--workers", type=int, default=0, help="0 = number of CPUs")
     parser.add_argument("--workdir", default="", help="default: a temporary directory")
+    parser.add_argument("--no-malloc-tuning", action="store_true",
+                        help="leave glibc's allocator as it is (applied at import otherwise)")
     args = parser.parse_args(argv)
     executors = [e for e in args.executor.split(",") if e]
     workers = args.workers or None
@@ -138,8 +147,10 @@ def main(argv=None) -> dict:
     workdir = Path(args.workdir or tempfile.mkdtemp(prefix="data_bench-"))
     workdir.mkdir(parents=True, exist_ok=True)
     print(f"jax {jax.__version__} on {jax.devices()[0].platform}; {os.cpu_count()} CPUs; "
-          f"GLIBC_TUNABLES={os.environ.get('GLIBC_TUNABLES', '')!r}; workdir {workdir}")
-    results: dict = {"cpus": os.cpu_count(), "device": jax.devices()[0].platform}
+          f"malloc tuned: {MALLOC_TUNED}; GLIBC_TUNABLES="
+          f"{os.environ.get('GLIBC_TUNABLES', '')!r}; workdir {workdir}")
+    results: dict = {"cpus": os.cpu_count(), "device": jax.devices()[0].platform,
+                     "malloc_tuned": MALLOC_TUNED}
 
     def time_builds(name: str, description: str, dataset, cache_dir: Path):
         """Times the cache build with each executor; returns the last build's images."""

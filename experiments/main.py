@@ -20,6 +20,8 @@ import sys
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from smine_jax import hostmem
+
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Experiment config file (get_config), variants after a colon.",
     lock_config=True)
@@ -119,6 +121,8 @@ def _main(dataset: str, argv: list[str]) -> None:
 
 def run(dataset: str, argv: list[str] | None = None) -> None:
     """The main of `python -m experiments.<dataset>`; `--config` defaults to its config file."""
+    # Before jax runs anything: XLA's large per-step buffers reuse memory instead of fresh mmaps.
+    hostmem.tune_malloc()
     argv = list(argv or sys.argv)
     if not any(arg == "--config" or arg.startswith("--config=") for arg in argv[1:]):
         default = os.path.join(os.path.dirname(__file__), "configs", f"{dataset}.py")
