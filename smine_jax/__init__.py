@@ -13,6 +13,8 @@ Modules (pure functions first, I/O at the edges):
   train         train state, jitted steps, the epoch loop, checkpoints
   logs          what a run records in its workdir (config.json, metrics.jsonl, TensorBoard)
   validation    argument checks with errors that name the argument
+  fileio        atomic file writes (temporary name, fsync, rename)
+  hostmem       glibc malloc tuning for XLA on CPU
 """
 
 __version__ = "0.1.0"

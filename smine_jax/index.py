@@ -36,7 +36,6 @@ import functools
 import json
 import math
 import os
-import uuid
 import zlib
 from collections.abc import Callable
 from typing import Any
@@ -45,7 +44,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from smine_jax import knn, validation
+from smine_jax import fileio, knn, validation
 
 BACKENDS = ("exact", "scann")
 SCANN_MODES = ("brute_force", "tree_ah")
@@ -119,22 +118,6 @@ def _fsync_directory(directory: str) -> None:
         os.close(descriptor)
 
 
-def _write_atomically(path: str, write: Callable[[Any], None]) -> None:
-    """Writes through `write(file)` to a hidden temporary name beside `path`, then renames."""
-    directory, name = os.path.split(path)
-    temporary = os.path.join(directory, f".{name}.tmp-{uuid.uuid4().hex}")
-    try:
-        with open(temporary, "wb") as file:
-            write(file)
-            file.flush()
-            os.fsync(file.fileno())
-        os.replace(temporary, path)
-    except BaseException:
-        if os.path.exists(temporary):
-            os.remove(temporary)
-        raise
-
-
 def write_shard(directory, embeddings, labels, ids, *, shard: int, num_shards: int) -> str:
     """Writes one shard of an embedding dump atomically; returns the path of its manifest.
 
@@ -177,7 +160,7 @@ def write_shard(directory, embeddings, labels, ids, *, shard: int, num_shards: i
     for name, array in arrays.items():
         file_name = f"{stem}.{name}.npy"
         path = os.path.join(directory, file_name)
-        _write_atomically(path, functools.partial(np.save, arr=array, allow_pickle=False))
+        fileio.write_atomically(path, functools.partial(np.save, arr=array, allow_pickle=False))
         files[name] = {
             "file": file_name,
             "dtype": np.dtype(_DTYPES[name]).name,
@@ -195,7 +178,7 @@ def write_shard(directory, embeddings, labels, ids, *, shard: int, num_shards: i
         "files": files,
     }
     text = json.dumps(manifest, indent=2).encode()
-    _write_atomically(manifest_path, lambda file: file.write(text))
+    fileio.write_atomically(manifest_path, lambda file: file.write(text))
     _fsync_directory(directory)
     return manifest_path
 

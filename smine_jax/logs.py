@@ -24,6 +24,8 @@ from struct import pack
 
 import jax
 
+from smine_jax import fileio
+
 logger = logging.getLogger(__name__)
 
 
@@ -69,12 +71,6 @@ def flatten(tree: dict, prefix: str = "") -> dict:
     return flat
 
 
-def _write_json_atomic(path: Path, value) -> None:
-    temporary = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    temporary.write_text(json.dumps(value, indent=2, sort_keys=True, default=str) + "\n")
-    os.replace(temporary, path)
-
-
 def prepare_workdir(workdir: Path, config, *, resuming: bool,
                     resumable_fields: tuple[str, ...] = (), dataset: dict | None = None) -> None:
     """Writes workdir/config.json (config, package versions, git revision, and `dataset`: the
@@ -99,12 +95,13 @@ def prepare_workdir(workdir: Path, config, *, resuming: bool,
                 f"({details}{', ...' if len(changed) > 6 else ''}); rerun with the saved config "
                 f"({path}) or use a new --workdir")
     if jax.process_index() == 0:
-        _write_json_atomic(path, {"config": current, "versions": _package_versions(),
-                                  "git_revision": _git_revision(),
-                                  "written": datetime.datetime.now().isoformat(timespec="seconds"),
-                                  "process_count": jax.process_count(),
-                                  "device_count": jax.device_count(),
-                                  "dataset": dataset})
+        record = {"config": current, "versions": _package_versions(),
+                  "git_revision": _git_revision(),
+                  "written": datetime.datetime.now().isoformat(timespec="seconds"),
+                  "process_count": jax.process_count(), "device_count": jax.device_count(),
+                  "dataset": dataset}
+        fileio.write_text_atomically(
+            path, json.dumps(record, indent=2, sort_keys=True, default=str) + "\n")
 
 
 def _crc32c_table() -> list[int]:
@@ -240,9 +237,7 @@ class MetricsLog:
             return
         kept = [line for line in self.path.read_text().splitlines()
                 if line.strip() and json.loads(line).get("epoch", 0) <= last_epoch]
-        temporary = self.path.with_name(f".{self.path.name}.tmp-{os.getpid()}")
-        temporary.write_text("".join(line + "\n" for line in kept))
-        os.replace(temporary, self.path)
+        fileio.write_text_atomically(self.path, "".join(line + "\n" for line in kept))
 
     def append(self, record: dict) -> None:
         if jax.process_index():

@@ -1,12 +1,9 @@
-"""Small helpers shared by the data modules: argument checks, hashing, atomic JSON writes."""
+"""Small helpers shared by the data modules: argument checks and hashing."""
 
 from __future__ import annotations
 
 import hashlib
 import json
-import os
-import uuid
-from pathlib import Path
 
 import numpy as np
 
@@ -29,14 +26,3 @@ def check_channels(channels) -> int:
 def sha256_json(value) -> str:
     """sha256 hex digest of the canonical JSON of `value`."""
     return hashlib.sha256(json.dumps(value, sort_keys=True).encode()).hexdigest()
-
-
-def write_json_atomic(path: Path, value) -> None:
-    """Writes JSON to a unique temporary name, then renames it to `path` (never half-written)."""
-    partial = path.with_name(f"{path.name}.tmp-{uuid.uuid4().hex}")
-    try:
-        with open(partial, "w") as f:
-            json.dump(value, f)
-        os.replace(partial, path)
-    finally:
-        partial.unlink(missing_ok=True)

@@ -27,7 +27,8 @@ from pathlib import Path
 
 import numpy as np
 
-from smine_jax.data._util import check_channels, positive_int, sha256_json, write_json_atomic
+from smine_jax import fileio
+from smine_jax.data._util import check_channels, positive_int, sha256_json
 from smine_jax.data.sources import Dataset
 
 CACHE_FORMAT = 1
@@ -83,7 +84,7 @@ def cached_images(dataset: Dataset, cache_dir, *, image_size: int = 256, channel
         os.replace(partial, path)
     finally:
         partial.unlink(missing_ok=True)
-    write_json_atomic(_sidecar(path), {
+    fileio.write_json_atomically(_sidecar(path), {
         "key": key, "shape": list(shape), "name": dataset.name, "split": dataset.split,
         "source": dataset.source, "root": dataset.root})
     images = _open_trusted(path, key, shape)

@@ -39,7 +39,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from smine_jax.data._util import check_channels, sha256_json, write_json_atomic
+from smine_jax import fileio
+from smine_jax.data._util import check_channels, sha256_json
 
 logger = logging.getLogger(__name__)
 
@@ -572,7 +573,7 @@ def _tfds_labels(reader: TfdsImages, items, cache_dir, progress, num_workers):
     labels = [label for label, _ in pairs]
     label_names = {str(label): label_name for label, label_name in pairs if label_name}
     path.parent.mkdir(parents=True, exist_ok=True)
-    write_json_atomic(path, {"key": key, "labels": labels, "label_names": label_names})
+    fileio.write_json_atomically(path, {"key": key, "labels": labels, "label_names": label_names})
     return labels, label_names
 
 

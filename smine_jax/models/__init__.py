@@ -59,7 +59,6 @@ import dataclasses
 import logging
 import os
 import re
-import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -70,6 +69,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
+from smine_jax import fileio
 from smine_jax.data.pipeline import IMAGENET_MEAN, IMAGENET_STD
 from smine_jax.models.googlenet import GoogLeNet
 from smine_jax.models.resnet import ResNet50
@@ -359,16 +359,7 @@ def save_npz(variables, path) -> Path:
     if not flat:
         raise ValueError("variables: no 'params' or 'batch_stats' collection to save")
     path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(handle, "wb") as file:
-            np.savez(file, **flat)
-            file.flush()
-            os.fsync(file.fileno())
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
+    fileio.write_atomically(path, lambda file: np.savez(file, **flat))
     return path
 
 
