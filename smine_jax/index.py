@@ -409,17 +409,16 @@ _SCANN_OPTIONS = ("mode", "num_threads", "batch_size") + _TREE_AH_OPTIONS
 _EXACT_OPTIONS = ("chunk_size",)
 
 
-def _positive_int(name: str, value) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
-        raise ValueError(f"{name}: expected a positive integer, got {value!r}")
-    return int(value)
-
-
 def _available_cores() -> int:
     try:
         return len(os.sched_getaffinity(0))
     except AttributeError:  # not on Linux
         return os.cpu_count() or 1
+
+
+def _option(options: dict, name: str, default) -> int:
+    """The positive integer option `name`, or `default` when not given."""
+    return validation.positive_int(options.get(name, default), name)
 
 
 def scann_config(num_rows: int, k: int, **options) -> ScannConfig:
@@ -448,32 +447,29 @@ def scann_config(num_rows: int, k: int, **options) -> ScannConfig:
     mode = options.get("mode", "brute_force")
     if mode not in SCANN_MODES:
         raise ValueError(f"mode: expected one of {SCANN_MODES}, got {mode!r}")
-    num_threads = _positive_int("num_threads", options.get("num_threads", _available_cores()))
-    batch_size = _positive_int("batch_size", options.get("batch_size", 256))
+    num_threads = _option(options, "num_threads", _available_cores())
+    batch_size = _option(options, "batch_size", 256)
     if mode == "brute_force":
         tree_options = sorted(set(options) & set(_TREE_AH_OPTIONS))
         if tree_options:
             raise ValueError(f"options {tree_options} only apply to mode='tree_ah'")
         return ScannConfig(mode, num_threads, batch_size)
-    num_leaves = _positive_int(
-        "num_leaves", options.get("num_leaves", max(1, round(math.sqrt(num_rows)))))
+    num_leaves = _option(options, "num_leaves", max(1, round(math.sqrt(num_rows))))
     if num_leaves > num_rows:
         raise ValueError(f"num_leaves: expected at most N = {num_rows}, got {num_leaves}")
     # Search 20 % of the leaves, and leaves holding ~4 (k + 1) rows on average at least.
     default_to_search = min(num_leaves, max(-(-num_leaves // 5),
                                             -(-4 * (k + 1) * num_leaves // num_rows)))
-    num_leaves_to_search = _positive_int(
-        "num_leaves_to_search", options.get("num_leaves_to_search", default_to_search))
+    num_leaves_to_search = _option(options, "num_leaves_to_search", default_to_search)
     if num_leaves_to_search > num_leaves:
         raise ValueError(
             f"num_leaves_to_search: expected at most num_leaves = {num_leaves}, "
             f"got {num_leaves_to_search}")
-    reorder_k = _positive_int("reorder_k", options.get("reorder_k", 4 * (k + 1)))
+    reorder_k = _option(options, "reorder_k", 4 * (k + 1))
     if reorder_k < k + 1:
         raise ValueError(f"reorder_k: expected at least k + 1 = {k + 1}, got {reorder_k}")
-    training_sample_size = _positive_int(
-        "training_sample_size", options.get("training_sample_size", min(num_rows, 100_000)))
-    dims_per_block = _positive_int("dims_per_block", options.get("dims_per_block", 1))
+    training_sample_size = _option(options, "training_sample_size", min(num_rows, 100_000))
+    dims_per_block = _option(options, "dims_per_block", 1)
     return ScannConfig(mode, num_threads, batch_size, num_leaves, num_leaves_to_search,
                        min(reorder_k, num_rows), min(training_sample_size, num_rows),
                        dims_per_block)
@@ -575,7 +571,7 @@ def build_index(embeddings, k: int, *, backend: str = "exact", **options) -> Nei
                 f"backend='exact': unknown options {unknown}; known: {_EXACT_OPTIONS}")
         chunk_size = options.get("chunk_size")
         if chunk_size is not None:
-            chunk_size = _positive_int("chunk_size", chunk_size)
+            chunk_size = validation.positive_int(chunk_size, "chunk_size")
         config = None
         candidates = functools.partial(_exact_candidates, database, k, chunk_size)
     else:

@@ -79,3 +79,10 @@ def as_query_ids(query_ids, num_rows: int, name: str = "query_ids") -> np.ndarra
     if array.size and (array.min() < 0 or array.max() >= num_rows):
         raise ValueError(f"{name}: every id must lie in [0, {num_rows - 1}]")
     return array.astype(np.int32)
+
+
+def positive_int(value, name: str) -> int:
+    """int(value) for an integer >= 1 (Python or numpy, not bool), else ValueError naming `name`."""
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+        raise ValueError(f"{name}: expected a positive integer, got {value!r}")
+    return int(value)

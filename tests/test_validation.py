@@ -43,3 +43,10 @@ def test_check_k():
     for bad in (0, 4, True, 1.5):
         with pytest.raises(ValueError, match="^k"):
             validation.check_k(bad, 4)
+
+
+def test_positive_int():
+    assert validation.positive_int(np.int64(3), "size") == 3
+    for bad in (0, -1, True, 2.0, "3"):
+        with pytest.raises(ValueError, match="^size: expected a positive integer"):
+            validation.positive_int(bad, "size")

@@ -5,15 +5,14 @@ from __future__ import annotations
 import hashlib
 import json
 
-import numpy as np
+from smine_jax import validation
 
 
 def positive_int(value, name: str) -> int:
-    """int(value) if it is an integer >= 1, else ValueError naming `name`."""
-    if (isinstance(value, bool) or not isinstance(value, (int, np.integer, float))
-            or int(value) != value or value < 1):
-        raise ValueError(f"{name}: expected a positive integer, got {value!r}")
-    return int(value)
+    """`validation.positive_int`, also accepting a whole float >= 1 (e.g. 2.0 from a config)."""
+    if isinstance(value, float) and value.is_integer() and value >= 1:
+        value = int(value)
+    return validation.positive_int(value, name)
 
 
 def check_channels(channels) -> int:

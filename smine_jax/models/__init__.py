@@ -69,7 +69,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
-from smine_jax import fileio
+from smine_jax import fileio, validation
 from smine_jax.data.pipeline import IMAGENET_MEAN, IMAGENET_STD
 from smine_jax.models.googlenet import GoogLeNet
 from smine_jax.models.resnet import ResNet50
@@ -200,9 +200,7 @@ def default_config(name: str = "googlenet"):
 
 
 def _positive_int(value, field: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
-        raise ValueError(f"model.{field}: expected a positive integer, got {value!r}")
-    return int(value)
+    return validation.positive_int(value, f"model.{field}")
 
 
 def _boolean(value, field: str) -> bool:
