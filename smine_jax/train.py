@@ -7,6 +7,7 @@ One epoch of Smart Mining (SPEC §2–3; Harwood et al. 2017, Algorithm 1 and Eq
       -> read all shards -> index.neighbours (k nearest other samples of this process's anchors)
       -> mining.mine_triplets with κ from the controller -> mining.epoch_triplets (mined share
          `mining.mined_fraction`; epochs <= controller.random_epochs: random triplets only)
+      -> the epoch's triplets to workdir/triplets/epoch_XXXX.npz (`train.save_triplets`)
       -> jitted train steps on batches of `train.batch_size` triplets (augmentation inside the
          step, images gathered by id from the uint8 cache), losses.triplet_objective
       -> training error (mean of the per-batch error) -> controller.update
@@ -59,6 +60,7 @@ from smine_jax import (
     batch_miners,
     controller,
     data,
+    fileio,
     index,
     logs,
     losses,
@@ -78,6 +80,7 @@ TRIPLET_LOSSES = ("ratio", "margin")
 # already in the checkpoint): more epochs, evaluation frequency, the terminal, I/O settings.
 RESUMABLE_FIELDS = (
     "train.epochs", "train.eval_every", "train.progress", "train.checkpoints_to_keep",
+    "train.save_triplets",
     "train.prefetch", "data.num_workers", "data.cache_dir", "data.download_url",
 )
 
@@ -625,6 +628,8 @@ class _Trainer:
             triplets = jax.device_get(mining.random_triplets(
                 _key(state.rng, _RANDOM, epoch, process), self.labels, num_local))
         rows = np.stack([triplets.anchor, triplets.positive, triplets.negative], axis=1)
+        if bool(config.train.save_triplets):
+            self._save_triplets(epoch, rows, np.asarray(triplets.mined, bool))
         ids, mask = _pad_rows(rows.astype(np.int32), self.steps_per_epoch * self.local_batch)
         record["seconds"] = seconds
         return _EpochPlan(ids.reshape(self.steps_per_epoch, self.local_batch, 3),
@@ -645,6 +650,19 @@ class _Trainer:
         if self.kind == "smart":
             return self._triplet_plan(state, epoch)
         return self._image_plan(state, epoch)
+
+    def _save_triplets(self, epoch: int, rows: np.ndarray, mined: np.ndarray) -> None:
+        """workdir/triplets/epoch_EEEE[_pP].npz: this process's triplets of the epoch (train-split
+        ids, columns anchor / positive / negative, in training order) and which were mined."""
+        suffix = f"_p{jax.process_index()}" if jax.process_count() > 1 else ""
+        path = self.workdir / "triplets" / f"epoch_{epoch:04d}{suffix}.npz"
+        path.parent.mkdir(parents=True, exist_ok=True)
+
+        def write(handle):
+            np.savez(handle, anchor=rows[:, 0], positive=rows[:, 1], negative=rows[:, 2],
+                     mined=mined, labels=self.labels[rows])
+
+        fileio.write_atomically(path, write)
 
     def _index_options(self) -> dict:
         if self.config.mining.backend == "scann":

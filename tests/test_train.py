@@ -163,6 +163,19 @@ def test_end_to_end_on_class_folders_logs_checkpoints_and_extends(folder, tmp_pa
     assert saved["dataset"]["train"] == {"images": 72, "classes": 12}
     assert saved["dataset"]["dataset"]["train"] >= 72
     assert sorted(p.name for p in (workdir / "embeddings").iterdir()) == ["epoch_0003", "test"]
+    # Each epoch's triplets, in training order, with their labels and which were mined.
+    assert sorted(p.name for p in (workdir / "triplets").iterdir()) == [
+        f"epoch_{epoch:04d}.npz" for epoch in (1, 2, 3)]
+    labels = np.asarray(train.data.load(config.data, split="train").labels)
+    for epoch, expected_mined in ((1, 0), (3, round(mined["mined_fraction"] * 72))):
+        with np.load(workdir / "triplets" / f"epoch_{epoch:04d}.npz") as saved_triplets:
+            anchor, positive, negative = (saved_triplets[name]
+                                          for name in ("anchor", "positive", "negative"))
+            assert anchor.shape == (72,) and int(saved_triplets["mined"].sum()) == expected_mined
+            np.testing.assert_array_equal(
+                saved_triplets["labels"], labels[np.stack([anchor, positive, negative], 1)])
+        assert np.all(labels[anchor] == labels[positive]) and np.all(anchor != positive)
+        assert np.all(labels[anchor] != labels[negative])
     assert any(p.name.startswith("events.out.tfevents.")
                for p in (workdir / "tensorboard").iterdir())
     assert sorted(int(p.name) for p in (workdir / "checkpoints").iterdir()

@@ -55,6 +55,7 @@ def base_config() -> ml_collections.ConfigDict:
         "prefetch": 2,              # batches gathered ahead of the train step
         "checkpoints_to_keep": 3,
         "progress": True,           # tqdm bar per epoch
+        "save_triplets": True,      # each epoch's triplet ids to workdir/triplets (analysis)
     })
     config.loss = ml_collections.ConfigDict({
         "kind": "triplet",          # "triplet" | "lifted" | "npairs"
