@@ -15,6 +15,7 @@ import math
 import os
 from pathlib import Path
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -429,6 +430,110 @@ def test_max_pool2d_reshape_path_gradient_matches_reduce_window():
     grad_ours = jax.grad(lambda y: jnp.sum(_layers.max_pool2d(y, 2, 2) ** 2))(x)
     grad_xla = jax.grad(lambda y: jnp.sum(reduce_window(y) ** 2))(x)
     np.testing.assert_allclose(grad_ours, grad_xla, rtol=1e-6)  # no ties in random data
+
+
+# ----------------------------------------------------------------------------------------------
+# The fused batch norm + ReLU + 2×2 max pool against the unfused composition (JAX autodiff).
+
+
+def unfused_bn_relu_pool(y, scale, bias, epsilon):
+    """nn.BatchNorm's train-mode formula, then nn.relu, then max_pool2d(2, 2), all plain JAX."""
+    mean = jnp.mean(y, axis=(0, 1, 2))
+    var = jnp.maximum(jnp.mean(y * y, axis=(0, 1, 2)) - mean ** 2, 0.0)
+    normalised = (y - mean) * (scale * jax.lax.rsqrt(var + epsilon)) + bias
+    return _layers.max_pool2d(jax.nn.relu(normalised), 2, 2), mean, var
+
+
+def _bn_pool_problem(seed, shape, ties):
+    rng = np.random.default_rng(seed)
+    y = rng.normal(size=shape).astype(np.float32)
+    if ties:  # constant regions (a white page): exact ties inside the windows, some positive
+        y[:, : shape[1] // 2] = np.round(y[:, : shape[1] // 2])
+        y[0, :4, :4] = 0.5
+    scale = rng.normal(size=shape[-1]).astype(np.float32)  # some negative: max != affine(max)
+    bias = rng.normal(size=shape[-1]).astype(np.float32)
+    weights = [rng.normal(size=s).astype(np.float32)
+               for s in ((shape[0], shape[1] // 2, shape[2] // 2, shape[3]), shape[-1:],
+                         shape[-1:])]
+    return y, scale, bias, weights
+
+
+@pytest.mark.parametrize("shape", [(4, 8, 8, 3), (3, 7, 7, 5), (2, 6, 9, 2)])
+@pytest.mark.parametrize("ties", [False, True])
+def test_fused_bn_relu_pool_matches_unfused_values_and_gradients(shape, ties):
+    y, scale, bias, weights = _bn_pool_problem(sum(shape), shape, ties)
+
+    def functional(fn):
+        def total(y_, scale_, bias_):
+            out, mean, var = fn(y_, scale_, bias_, 1e-5)
+            return sum(jnp.sum(w * t) for w, t in zip(weights, (out, mean, var), strict=True))
+        return jax.jit(jax.value_and_grad(total, argnums=(0, 1, 2)))
+
+    for ours, reference in zip(_layers.batch_norm_relu_max_pool(y, scale, bias, 1e-5),
+                               unfused_bn_relu_pool(y, scale, bias, 1e-5), strict=True):
+        np.testing.assert_allclose(ours, reference, rtol=1e-5, atol=1e-5)
+    (value, grads), (ref_value, ref_grads) = (
+        functional(fn)(y, scale, bias)
+        for fn in (_layers.batch_norm_relu_max_pool, unfused_bn_relu_pool))
+    np.testing.assert_allclose(value, ref_value, rtol=1e-5)
+    for name, ours, reference in zip(("y", "scale", "bias"), grads, ref_grads, strict=True):
+        np.testing.assert_allclose(ours, reference, rtol=2e-4, atol=2e-5, err_msg=name)
+
+
+def test_fused_bn_relu_pool_shares_tied_maxima_and_skips_dropped_edges():
+    # One channel, scale 1, bias 0: a window of four equal positive values shares the gradient.
+    y = np.zeros((1, 3, 3, 1), np.float32)
+    y[0, :2, :2, 0] = 1.0  # the 2×2 window; row / column 2 are dropped by the floor pool
+    y[0, 2, 2, 0] = -3.0
+    out, grad_y = jax.value_and_grad(
+        lambda y_: _layers.batch_norm_relu_max_pool(y_, jnp.ones(1), jnp.zeros(1), 1e-5)[0]
+        .sum())(y)
+    ref_out, ref_grad_y = jax.value_and_grad(
+        lambda y_: unfused_bn_relu_pool(y_, jnp.ones(1), jnp.zeros(1), 1e-5)[0].sum())(y)
+    np.testing.assert_allclose(out, ref_out, rtol=1e-6)
+    np.testing.assert_allclose(grad_y, ref_grad_y, rtol=1e-5, atol=1e-6)
+    # The four tied maxima get equal shares (the batch-norm terms add the same to each).
+    assert np.ptp(np.asarray(grad_y)[0, :2, :2, 0]) < 1e-6
+
+
+class UnfusedSmallNet(nn.Module):
+    """SMALL's backbone from the unfused layers (conv + BN + ReLU, then max_pool2d)."""
+
+    @nn.compact
+    def __call__(self, x, train: bool = False):
+        for block in ("block1", "block2"):
+            x = _layers.BasicConv2d(8, 3, padding=1, epsilon=1e-5, name=block)(x, train)
+            x = _layers.max_pool2d(x, 2, 2)
+        return _layers.global_average_pool(x)
+
+
+def test_small_net_with_fused_blocks_equals_unfused_layers(small_model):
+    """SmallConvNet's blocks give the outputs, gradients and batch statistics of
+    BasicConv2d + max_pool2d run with the same variables (train and eval mode)."""
+    model, variables = small_model
+    images = np.random.default_rng(5).normal(size=(6, 12, 12, 1)).astype(np.float32)
+    images[:, :6] = 1.0  # constant regions: tied maxima
+
+    reference = models.EmbeddingModel(UnfusedSmallNet(), embedding_dim=16)
+
+    def loss(model_, params, x):
+        out, updates = model_.apply({"params": params,
+                                     "batch_stats": variables["batch_stats"]}, x, train=True,
+                                    mutable=["batch_stats"])
+        return jnp.sum(out * jnp.arange(out.size).reshape(out.shape)), updates
+
+    for train_mode in (False, True):
+        np.testing.assert_allclose(
+            model.apply(variables, images, train=train_mode, mutable=["batch_stats"])[0],
+            reference.apply(variables, images, train=train_mode, mutable=["batch_stats"])[0],
+            rtol=1e-5, atol=1e-6)
+    (ours, ours_stats), ours_grads = jax.value_and_grad(
+        lambda p: loss(model, p, images), has_aux=True)(variables["params"])
+    (ref, ref_stats), ref_grads = jax.value_and_grad(
+        lambda p: loss(reference, p, images), has_aux=True)(variables["params"])
+    np.testing.assert_allclose(ours, ref, rtol=1e-5)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4),
+                 (ours_grads, ours_stats), (ref_grads, ref_stats))
 
 
 # ----------------------------------------------------------------------------------------------

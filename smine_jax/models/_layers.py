@@ -10,6 +10,8 @@ Two CPU speed-ups, same numbers (measured on the small net's train step, batch 3
 2 CPU cores: about 2× together): non-overlapping max pools are a reshape + max (their gradient is
 an elementwise mask, not XLA:CPU's slow select-and-scatter), and stride-1 convolutions on the
 CPU backend compute their kernel gradient as chunked im2col matmuls (`conv_general_dilated`).
+A third, for the small net: batch norm + ReLU + 2×2 max pool as one op with a hand-written
+gradient (`batch_norm_relu_max_pool`), fewer passes over the full-resolution activations.
 """
 
 from __future__ import annotations
@@ -193,3 +195,100 @@ class BasicConv2d(nn.Module):
                    dtype=self.dtype, kernel_init=self.kernel_init, name="conv")(x)
         x = batch_norm(train=train, epsilon=self.epsilon, dtype=self.dtype, name="bn")(x)
         return nn.relu(x)
+
+
+# ----------------------------------------------------------------------------------------------
+# Batch norm (train mode) + ReLU + 2×2 max pool as one op with a hand-written gradient.
+
+
+def _pool_windows(z):
+    """[N, H, W, C] -> [N, H//2, 2, W//2, 2, C]: the 2×2/2 windows (floor: odd edges dropped)."""
+    n, h, w, c = z.shape
+    return z[:, :h // 2 * 2, :w // 2 * 2].reshape(n, h // 2, 2, w // 2, 2, c)
+
+
+def _normalise(y, scale, bias, mean, inv_std):
+    """The batch-normalised y in float32 (one expression for the forward and backward pass)."""
+    return y.astype(jnp.float32) * (scale * inv_std) + (bias - mean * scale * inv_std)
+
+
+def _bn_statistics(y):
+    """Batch mean and biased variance E[y²] − E[y]² per channel, in float32 (as nn.BatchNorm)."""
+    y32 = y.astype(jnp.float32)
+    mean = jnp.mean(y32, axis=(0, 1, 2))
+    return mean, jnp.maximum(jnp.mean(jnp.square(y32), axis=(0, 1, 2)) - jnp.square(mean), 0.0)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def batch_norm_relu_max_pool(y, scale, bias, epsilon: float):
+    """relu(max_pool_2x2(batch_norm(y))) in train mode -> (out, batch mean, batch variance).
+
+    Same values and (sub)gradients as the composition of ``nn.BatchNorm`` (batch statistics,
+    float32), ``nn.relu`` and ``max_pool2d(·, 2, 2)`` — a window's gradient is shared among tied
+    maxima, as JAX's ``max`` does — in fewer passes over the full-resolution activations: nothing
+    but ``y`` is kept for the backward pass, which recomputes the normalised values instead of
+    reading saved ones, and ReLU (which commutes with max) runs on the pooled map. XLA:CPU spends
+    most of the small net's first block on memory traffic; see ``SmallConvNet``.
+    """
+    return _bn_relu_pool_fwd(y, scale, bias, epsilon)[0]
+
+
+def _bn_relu_pool_fwd(y, scale, bias, epsilon):
+    mean, var = _bn_statistics(y)
+    inv_std = lax.rsqrt(var + epsilon)
+    pooled = jnp.max(_pool_windows(_normalise(y, scale, bias, mean, inv_std)), axis=(2, 4))
+    out = jnp.maximum(pooled, 0.0).astype(y.dtype)
+    return (out, mean, var), (y, scale, bias, mean, inv_std)
+
+
+def _bn_relu_pool_bwd(epsilon, residuals, cotangents):
+    y, scale, bias, mean, inv_std = residuals
+    d_out, d_mean, d_var = (c.astype(jnp.float32) for c in cotangents)
+    n, h, w, c = y.shape
+    count = n * h * w
+    # Window maxima recomputed from the same values they are compared with (exact ties).
+    windows = _pool_windows(_normalise(y, scale, bias, mean, inv_std))
+    pooled = jnp.max(windows, axis=(2, 4), keepdims=True)
+    is_max = (windows == pooled).astype(jnp.float32)
+    share = jnp.where(pooled > 0, d_out[:, :, None, :, None, :], 0.0) / jnp.sum(
+        is_max, axis=(2, 4), keepdims=True)
+    d_normalised = (is_max * share).reshape(n, h // 2 * 2, w // 2 * 2, c)
+    d_normalised = jnp.pad(d_normalised, ((0, 0), (0, h % 2), (0, w % 2), (0, 0)))
+    # Batch-norm backward (the statistics depend on y), plus the mean / variance outputs' terms.
+    centred = y.astype(jnp.float32) - mean
+    d_bias = jnp.sum(d_normalised, axis=(0, 1, 2))
+    d_scale = jnp.sum(d_normalised * centred, axis=(0, 1, 2)) * inv_std
+    d_y = (scale * inv_std) * (d_normalised - (d_bias + centred * inv_std * d_scale) / count)
+    d_y = d_y + (d_mean + 2.0 * d_var * centred) / count
+    return d_y.astype(y.dtype), d_scale, d_bias
+
+
+batch_norm_relu_max_pool.defvjp(_bn_relu_pool_fwd, _bn_relu_pool_bwd)
+
+
+class BatchNormReluMaxPool(nn.Module):
+    """``batch_norm`` + ReLU + ``max_pool2d(·, 2, 2)``, fused (``batch_norm_relu_max_pool``).
+
+    Variables as ``nn.BatchNorm``'s (params scale / bias, batch_stats mean / var, torch's
+    momentum), so checkpoints and converted weights are those of the unfused layers.
+    """
+
+    epsilon: float = 1e-5
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, y, train: bool = False):
+        channels = y.shape[-1]
+        scale = self.param("scale", nn.initializers.ones, (channels,), jnp.float32)
+        bias = self.param("bias", nn.initializers.zeros, (channels,), jnp.float32)
+        running_mean = self.variable("batch_stats", "mean", jnp.zeros, (channels,), jnp.float32)
+        running_var = self.variable("batch_stats", "var", jnp.ones, (channels,), jnp.float32)
+        if not train:
+            inv_std = lax.rsqrt(running_var.value + self.epsilon)
+            normalised = _normalise(y, scale, bias, running_mean.value, inv_std)
+            return nn.relu(jnp.max(_pool_windows(normalised), axis=(2, 4))).astype(self.dtype)
+        out, mean, var = batch_norm_relu_max_pool(y, scale, bias, self.epsilon)
+        if not self.is_initializing():
+            running_mean.value = BN_MOMENTUM * running_mean.value + (1 - BN_MOMENTUM) * mean
+            running_var.value = BN_MOMENTUM * running_var.value + (1 - BN_MOMENTUM) * var
+        return out.astype(self.dtype)

@@ -19,9 +19,26 @@ from typing import Any
 import flax.linen as nn
 import jax.numpy as jnp
 
-from smine_jax.models._layers import BasicConv2d, global_average_pool, max_pool2d
+from smine_jax.models._layers import BatchNormReluMaxPool, conv2d, global_average_pool
 
 POOLINGS = ("avg", "max", "flatten")
+
+
+class ConvBlock(nn.Module):
+    """conv 3×3 (padding 1, no bias) -> BatchNorm -> ReLU -> 2×2 max pool; submodules conv, bn.
+
+    The last three are one fused op (`BatchNormReluMaxPool`): same numbers as the unfused
+    layers, about 1.5× faster train steps on a 2-core CPU (benchmarks/train_bench.py).
+    """
+
+    features: int
+    epsilon: float = 1e-5
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x, train: bool = False):
+        x = conv2d(self.features, 3, padding=1, dtype=self.dtype, name="conv")(x)
+        return BatchNormReluMaxPool(self.epsilon, dtype=self.dtype, name="bn")(x, train)
 
 
 class SmallConvNet(nn.Module):
@@ -48,9 +65,7 @@ class SmallConvNet(nn.Module):
                              f"{2 ** self.depth} pixels a side, got shape {x.shape}")
         x = x.astype(self.dtype)
         for block in range(1, self.depth + 1):
-            x = BasicConv2d(self.width, 3, padding=1, epsilon=1e-5, dtype=self.dtype,
-                            name=f"block{block}")(x, train)
-            x = max_pool2d(x, 2, 2)
+            x = ConvBlock(self.width, dtype=self.dtype, name=f"block{block}")(x, train)
         if self.pooling == "avg":
             return global_average_pool(x)
         if self.pooling == "max":
