@@ -746,6 +746,8 @@ def _run_steps(trainer: _Trainer, state: TrainState, plan: _EpochPlan, start: in
     """Train steps `start`.. of the epoch's plan; returns (state, per-step metrics, stopped)."""
     labels = trainer.labels
     step_metrics = []
+    # The global step after each position, known on the host: no device sync per step.
+    first_step = int(state.step) - start
     positions = range(start, trainer.steps_per_epoch)
     images = trainer.batches(trainer.train.images, (plan.ids[i] for i in positions))
     try:
@@ -756,11 +758,13 @@ def _run_steps(trainer: _Trainer, state: TrainState, plan: _EpochPlan, start: in
                                                trainer.put(plan.mask[position]))
             step_metrics.append(values)
             progress.update()
-            if position % 10 == 0 or position + 1 == trainer.steps_per_epoch:
+            if not progress.disable and (position % 10 == 0
+                                         or position + 1 == trainer.steps_per_epoch):
                 latest = jax.device_get(values)
                 progress.set_postfix(loss=f"{latest['loss']:.4f}",
                                      error=f"{latest['training_error']:.3f}")
-            if position + 1 < trainer.steps_per_epoch and guard.requested(int(state.step)):
+            if (position + 1 < trainer.steps_per_epoch
+                    and guard.requested(first_step + position + 1)):
                 return state, step_metrics, True
     finally:
         if hasattr(images, "close"):
