@@ -1,0 +1,39 @@
+"""benchmarks/train_bench.py runs end to end on a tiny config and reports its figures."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+
+BENCH = Path(__file__).resolve().parents[1] / "benchmarks" / "train_bench.py"
+
+
+@pytest.fixture(scope="module")
+def train_bench():
+    spec = importlib.util.spec_from_file_location("train_bench", BENCH)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize("variant, images_per_step", [("smoke", 96), ("smoke,semihard", 64)])
+def test_reports_train_and_embedding_throughput(train_bench, tmp_path, capsys, variant,
+                                                images_per_step):
+    out = tmp_path / "summary.json"
+    argv = ["--variant", variant, "--steps", "2", "--warmup", "0", "--embed-batches", "1",
+            "--no-malloc-tuning", "--json", str(out)]
+    assert train_bench.main(argv) == 0
+    summary = json.loads(out.read_text())
+    assert summary["images_per_step"] == images_per_step and summary["loss_finite"]
+    for name in ("step_ms", "train_images_per_s", "embed_images_per_s", "peak_gib"):
+        assert summary[name] > 0
+    assert "train step" in capsys.readouterr().out
+
+
+def test_bad_counts_name_the_flag(train_bench, capsys):
+    with pytest.raises(SystemExit):
+        train_bench.parse_args(["--steps", "0"])
+    assert "--steps" in capsys.readouterr().err
