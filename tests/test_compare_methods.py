@@ -1,0 +1,385 @@
+"""Tests of benchmarks/compare_methods.py (report statistics, markdown, figures, the resumable
+smoke comparison end to end) and benchmarks/pml_peer.py (the PyTorch peer: its net against
+the Flax model, the missing-dependency exit)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from test_train import make_omniglot_folder
+
+REPO = Path(__file__).resolve().parents[1]
+BENCHMARKS = REPO / "benchmarks"
+
+
+def _load(name: str):
+    spec = importlib.util.spec_from_file_location(name, BENCHMARKS / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+cm = _load("compare_methods")
+pml_peer = _load("pml_peer")
+
+METRIC_KEYS = ("recall@1", "recall@2", "recall@4", "recall@8", "nmi", "map@r")
+
+
+def _record(epoch: int, r1: float | None, *, mining: bool = False, kappa=None,
+            error: float = 0.5, seconds: dict | None = None, **extra) -> dict:
+    """A metrics.jsonl record as the trainer writes it (test metrics derived from r1)."""
+    record = {"epoch": epoch, "mining": mining, "kappa": kappa, "training_error": error,
+              "seconds": {"embed": 0.0, "index": 0.0, "mine": 0.0, "train": 1.0, "eval": 0.5,
+                          "epoch": 1.5, **(seconds or {})}, **extra}
+    if r1 is not None:
+        record["test"] = {key: r1 * (1 + 0.1 * i) for i, key in enumerate(METRIC_KEYS)}
+    return record
+
+
+def _run(r1s, **kwargs) -> list[dict]:
+    return [_record(epoch, r1, **kwargs) for epoch, r1 in enumerate(r1s, 1)]
+
+
+# ----------------------------------------------------------------------------------------------
+# Statistics.
+
+
+@pytest.mark.parametrize("size", [2, 3, 7])
+def test_mean_std_and_format_match_numpy(size):
+    values = np.random.default_rng(size).random(size)
+    mean, std, count = cm.mean_std([*values, math.nan, None])  # NaN / None are left out
+    assert count == size
+    assert mean == pytest.approx(values.mean()) and std == pytest.approx(values.std(ddof=1))
+    assert cm.format_mean_std(values) == (f"{100 * values.mean():.1f} ± "
+                                          f"{100 * values.std(ddof=1):.1f}")
+    assert cm.format_mean_std(values[:1], scale=1, digits=3) == f"{values[0]:.3f}"
+    assert cm.format_mean_std([]) == cm.format_mean_std([math.nan]) == cm.MISSING
+    assert math.isnan(cm.mean_std([0.3])[1]) and cm.mean_std([])[2] == 0
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.lists(st.floats(0, 1), min_size=1, max_size=12), st.floats(0, 1))
+def test_epochs_to_reach_is_the_first_epoch_at_or_above_target(values, target):
+    epochs = list(range(1, len(values) + 1))
+    found = cm.epochs_to_reach(epochs, values, target)
+    reference = next((e for e, v in zip(epochs, values, strict=True) if v >= target), None)
+    assert found == reference
+
+
+def test_epochs_to_reach_edges():
+    assert cm.epochs_to_reach([1, 2, 3], [0.1, 0.95, 1.0], 0.95) == 2  # equality reaches
+    assert cm.epochs_to_reach([1, 2], [0.1, 0.2], 0.3) is None
+    assert cm.epochs_to_reach([1, 2], [0.1, 0.2], math.nan) is None
+    assert cm.epochs_to_reach([], [], 0.1) is None
+
+
+def test_finished_runs_cut_to_the_epochs_and_drop_unfinished(tmp_path):
+    finished = _run([0.1, 0.2, 0.3, 0.4])  # a run extended beyond the comparison's 3 epochs
+    unfinished = _run([0.1, 0.2])
+    no_final_test = _run([0.1, 0.2, None])  # epoch 3 logged without its evaluation
+    runs = {"a": {0: finished, 1: unfinished, 2: no_final_test, 3: []}}
+    kept = cm.finished_runs(runs, 3)
+    assert list(kept["a"]) == [0] and [r["epoch"] for r in kept["a"][0]] == [1, 2, 3]
+    assert cm.is_finished(finished, 3) and not cm.is_finished(unfinished, 3)
+    path = tmp_path / "metrics.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in unfinished) + '{"epoch": 3, "te')
+    assert cm.read_records(path) == unfinished  # a torn last line is ignored
+    assert cm.read_records(tmp_path / "absent.jsonl") == []
+
+
+def test_mean_curve_and_cumulative_seconds():
+    seed_a = _run([0.2, 0.4, 0.6], seconds={"epoch": 3.0, "eval": 1.0})
+    seed_b = [_record(1, 0.4), _record(2, None), _record(3, 0.8)]  # epoch 2 not evaluated
+    epochs, values = cm.mean_curve([seed_a, seed_b])
+    np.testing.assert_array_equal(epochs, [1, 3])
+    np.testing.assert_allclose(values, [0.3, 0.7])
+    seconds = cm.mean_cumulative_seconds([seed_a, seed_b], epochs)
+    np.testing.assert_allclose(seconds, [(2.0 + 1.0) / 2, (6.0 + 3.0) / 2])  # no eval time
+    assert cm.mean_curve([])[1].size == 0
+
+
+def test_settled_epoch_needs_the_error_to_stay_in_the_band():
+    errors = [(False, 0.9), (False, 0.8), (True, 0.7), (True, 0.52), (True, 0.6), (True, 0.47),
+              (True, 0.5)]
+    records = [_record(e, 0.1, mining=m, error=x) for e, (m, x) in enumerate(errors, 1)]
+    assert cm.settled_epoch(records, 0.5) == 6
+    assert cm.settled_epoch(records[:5], 0.5) is None
+    assert cm.settled_epoch(records, 0.5, tolerance=0.2) == 3
+    assert cm.settled_epoch(_run([0.1, 0.2]), 0.5) is None  # never mines
+
+
+def test_time_split_means_and_selection_shares():
+    random_epoch = _record(1, 0.1, seconds={"train": 4.0, "eval": 1.0, "epoch": 5.0})
+    mining_epoch = _record(2, 0.2, mining=True, kappa=16.0, seconds={
+        "embed": 1.0, "index": 0.5, "mine": 0.5, "train": 8.0, "eval": 2.0, "epoch": 12.0})
+    split = cm.time_split([[random_epoch, mining_epoch]])
+    assert split["train"] == pytest.approx(6.0) and split["embed"] == pytest.approx(0.5)
+    assert split["epoch"] == pytest.approx(8.5) and split["no_eval"] == pytest.approx(7.0)
+    assert split["select_share"] == pytest.approx(1.0 / 10.0)  # mining epochs only
+    assert split["embed_select_share"] == pytest.approx(2.0 / 10.0)
+    assert math.isnan(cm.time_split([[random_epoch]])["select_share"])
+    assert cm.time_split([]) == {}
+
+
+def test_compare_verdicts():
+    assert cm.compare([0.5, 0.52, 0.51], [0.4, 0.41, 0.39])[2] == "held"
+    assert cm.compare([0.4, 0.41, 0.39], [0.5, 0.52, 0.51])[2] == "reversed"
+    assert cm.compare([0.5, 0.3, 0.7], [0.45, 0.5, 0.4])[2] == "inconclusive"
+    assert cm.compare([0.5], [0.4])[2] == "single seed"
+    assert cm.compare([], [0.4])[2] == "missing"
+    difference, error, _ = cm.compare([0.5, 0.7], [0.1, 0.3])
+    assert difference == pytest.approx(0.4)
+    assert error == pytest.approx(math.sqrt(2 * np.var([0.5, 0.7], ddof=1) / 2))
+
+
+# ----------------------------------------------------------------------------------------------
+# The report.
+
+
+def _synthetic_runs():
+    """smart (3 seeds), random_global (2 finished + 1 unfinished), semihard (none), peer."""
+    smart = {seed: _run([0.2, 0.5, 0.6, 0.62 + 0.01 * seed], mining=True, kappa=8.0,
+                        seconds={"index": 0.01, "mine": 0.02, "train": 2.0, "epoch": 3.0,
+                                 "eval": 0.5}) for seed in range(3)}
+    random_global = {0: _run([0.1, 0.3, 0.5, 0.55]), 1: _run([0.1, 0.3, 0.5, 0.57]),
+                     2: _run([0.1, 0.2])}
+    peer = {seed: _run([0.1, 0.2, 0.3, 0.4], seconds={"train": 5.0, "epoch": 5.5, "eval": 0.5},
+                       miner_seconds=1.0) for seed in range(3)}
+    semihard = {0: [], 1: [], 2: []}
+    for records in smart.values():
+        records[0]["mining"] = records[1]["mining"] = False
+    return {"smart": smart, "semihard": semihard, "random_global": random_global,
+            cm.PEER: peer}
+
+
+def test_results_markdown_on_synthetic_records():
+    runs = _synthetic_runs()
+    text = cm.results_markdown(
+        runs, variants=["smart", "semihard", "random_global"], seeds=[0, 1, 2], epochs=4,
+        command="python benchmarks/compare_methods.py --x", protocol={"train_images": 100},
+        peer_settings={"margin": 0.2, "distance": "squared", "optimizer": "sgd"},
+        machines=[{"cpu": "CPU A", "cores": 2}, {"cpu": "CPU A", "cores": 2}],
+        figures={"R@1 vs epoch": "results_r1_vs_epoch.png"})
+    lines = text.splitlines()
+    assert lines[0] == cm.GENERATED and "do not edit" in lines[0]
+    assert "`python benchmarks/compare_methods.py --x`" in text and "3 × N = 300" in text
+    assert text.count("CPU A, 2 cores") == 1  # one machine listed once
+
+    def row(name, table_start):
+        start = text.index(table_start)
+        return next(line for line in text[start:].splitlines()
+                    if line.startswith(f"| `{name}` |")).split(" | ")
+
+    finals = [0.62, 0.63, 0.64]
+    smart = row("smart", "## Test metrics")
+    assert smart[1] == "3"
+    for column, scale in ((2, 1.0), (7, 1.5)):  # R@1 and MAP@R (= 1.5 × r1 in _record)
+        values = np.asarray(finals) * scale
+        assert smart[column].strip(" |") == (f"{100 * values.mean():.1f} ± "
+                                             f"{100 * values.std(ddof=1):.1f}")
+    semihard = row("semihard", "## Test metrics")
+    assert semihard[1] == "0" and all(cell.strip(" |") == cm.MISSING for cell in semihard[2:])
+    assert row("random_global", "## Test metrics")[1] == "2"
+    assert "- random_global seed 2: 2 of 4 epochs" in text
+    assert "- semihard seed 0: not started" in text
+
+    # Convergence: mean curves smart [.2, .5, .6, .63], random_global [.1, .3, .5, .56].
+    convergence = row("smart", "## Convergence")
+    assert convergence[1:3] == ["63.0", "3"]  # 0.6 >= 0.95 × 0.63 > 0.5
+    assert row("random_global", "## Convergence")[1:4] == ["56.0", "4", "4"]
+
+
+def test_results_markdown_convergence_and_time_columns():
+    runs = _synthetic_runs()
+    text = cm.results_markdown(runs, variants=["smart", "semihard", "random_global"],
+                               seeds=[0, 1, 2], epochs=4, command="c")
+    start = text.index("## Convergence")
+    smart = next(line for line in text[start:].splitlines()
+                 if line.startswith("| `smart` |")).split(" | ")
+    # 95 % of random_global's best mean R@1 (0.56) is 0.532: smart's mean curve reaches it at
+    # epoch 3, after 3 × (3.0 - 0.5) training seconds.
+    assert smart[3:5] == ["3", "8"]
+    assert smart[5].strip(" |") == "3, 3, 3"  # error 0.5 in every mining epoch (3 and 4)
+    assert next(line for line in text[start:].splitlines()
+                if line.startswith("| `random_global` |")).endswith("| — |")  # never mines
+    start = text.index("## Time per epoch")
+    smart_time = next(line for line in text[start:].splitlines()
+                      if line.startswith("| `smart` |")).split(" | ")
+    assert smart_time[6] == "3.00" and smart_time[7] == "2.50"
+    assert smart_time[8] == f"{100 * 0.03 / 2.5:.2f} %"
+    # The peer's epoch without evaluation is 5.0 s, smart's 2.5 s; semihard did not run.
+    assert "`pml_peer` / `smart`: 2.00" in text and "`pml_peer` / `semihard`: —" in text
+    assert "takes 1.00 s an epoch (20.00 %" in text
+    assert "Smart Mining beats semi-hard (R@1, `smart` − `semihard`): —: **missing**" in text
+
+
+def test_results_markdown_with_no_runs_at_all():
+    text = cm.results_markdown({"smart": {0: []}}, variants=["smart"], seeds=[0], epochs=20,
+                               command="c")
+    assert "| `smart` | 0 | — | — | — | — | — | — |" in text
+    assert "- smart seed 0: not started" in text
+    assert "(no run has started yet)" in text
+
+
+def _is_png(path: Path) -> bool:
+    return path.is_file() and path.stat().st_size > 1000 and path.read_bytes()[:8] == (
+        b"\x89PNG\r\n\x1a\n")
+
+
+def test_figures_from_synthetic_records(tmp_path):
+    finished = cm.finished_runs(_synthetic_runs(), 4)
+    names = ["smart", "semihard", "random_global", cm.PEER]
+    cm.plot_recall_curves(finished, names, tmp_path / "a.png", tmp_path / "b.png")
+    cm.plot_controller(finished, tmp_path / "c.png")
+    images = np.random.default_rng(0).integers(0, 256, (4, 3, 8, 8, 1), dtype=np.uint8)
+    cm.plot_triplet_montage([("epoch 3 (mined)", images), ("epoch 9", images)],
+                            tmp_path / "d.png", "title")
+    cm.plot_recall_curves({}, names, tmp_path / "e.png", tmp_path / "f.png")  # nothing yet
+    cm.plot_controller({}, tmp_path / "g.png")
+    cm.plot_triplet_montage([], tmp_path / "h.png")
+    for name in "abcdefgh":
+        assert _is_png(tmp_path / f"{name}.png"), name
+
+
+def test_choose_triplets_prefers_mined_anchors_present_at_both_epochs():
+    def epoch(anchors, mined):
+        anchors = np.asarray(anchors)
+        return {"anchor": anchors, "positive": anchors + 100, "negative": anchors + 200,
+                "mined": np.asarray(mined, bool)}
+
+    triplets = {1: epoch([0, 1, 2, 3], [0, 0, 0, 0]), 3: epoch([0, 1, 2, 3], [1, 1, 0, 0]),
+                5: epoch([3, 2, 1, 0], [0, 1, 1, 1])}
+    chosen = cm.choose_triplets(triplets, num_anchors=5)
+    assert [(e, mined) for e, _, mined in chosen] == [(3, True), (5, True)]
+    for _, rows, _ in chosen:  # anchors mined at both epochs: 0 and 1 (not 2 or 3)
+        np.testing.assert_array_equal(rows, [[0, 100, 200], [1, 101, 201]])
+    unmined = {1: epoch([0, 1], [0, 0]), 2: epoch([1, 5], [0, 0])}
+    (first, rows_1, mined_1), (last, rows_2, _) = cm.choose_triplets(unmined, 3)
+    assert (first, last, mined_1) == (1, 2, False)
+    np.testing.assert_array_equal(rows_1[:, 0], [1])
+    # Mining only in the last epoch: the first epoch (random) against the last (mined).
+    late = {1: epoch([0, 1, 2], [0, 0, 0]), 2: epoch([0, 1, 2], [0, 0, 0]),
+            3: epoch([2, 0, 1], [1, 0, 1])}
+    chosen = cm.choose_triplets(late, 5)
+    assert [(e, mined) for e, _, mined in chosen] == [(1, False), (3, True)]
+    np.testing.assert_array_equal(chosen[1][1][:, 0], [1, 2])
+    # No common anchor among the mined rows: any rows.
+    disjoint = {1: epoch([0, 1], [1, 0]), 2: epoch([0, 1], [0, 1])}
+    assert [mined for _, _, mined in cm.choose_triplets(disjoint, 5)] == [False, False]
+    assert cm.choose_triplets({}, 3) == []
+
+
+def test_run_commands():
+    command = cm.run_command("semihard", 2, workdir=Path("/r/semihard/seed2"), epochs=7,
+                             data_dir=Path("/d"), smoke=True, overrides=["mining.k=5"])
+    assert command[1:] == [
+        "-m", "experiments.omniglot", "--config=experiments/configs/omniglot.py:smoke,semihard",
+        "--workdir=/r/semihard/seed2", "--config.seed=2", "--config.train.epochs=7",
+        "--config.train.eval_every=1", "--config.train.progress=False",
+        "--config.data.dir=/d", "--config.mining.k=5"]
+    peer = cm.run_command(cm.PEER, 0, workdir=Path("/w"), epochs=20, data_dir=Path("/d"))
+    assert peer[1:3] == ["benchmarks/pml_peer.py", "--config=experiments/configs/omniglot.py"]
+    assert pml_peer.steps_per_epoch(19_280, 1, 128) == 452  # ⌈3 × 19,280 / 128⌉
+
+
+# ----------------------------------------------------------------------------------------------
+# End to end and the peer.
+
+
+def _has_peer_dependencies() -> bool:
+    return not pml_peer.missing_dependencies()
+
+
+@pytest.mark.slow
+def test_smoke_comparison_end_to_end_then_skips_finished_runs(tmp_path):
+    data_dir = make_omniglot_folder(tmp_path / "omniglot", num_classes=16)
+    runs_dir = tmp_path / "runs"
+    env = {**os.environ, "SMINE_JAX_CACHE": str(tmp_path / "cache")}
+    command = [sys.executable, str(BENCHMARKS / "compare_methods.py"), "--smoke",
+               f"--data-dir={data_dir}", f"--runs-dir={runs_dir}",
+               *(["--peer"] if _has_peer_dependencies() else [])]
+    first = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True,
+                           timeout=600)
+    assert first.returncode == 0, first.stdout + first.stderr
+    report = (runs_dir / "RESULTS.md").read_text()
+    assert report.startswith(cm.GENERATED)
+    names = ["smart", "semihard", *([cm.PEER] if _has_peer_dependencies() else [])]
+    for name in names:
+        assert f"| `{name}` | 1 |" in report
+        assert cm.is_finished(cm.read_records(runs_dir / name / "seed0" / "metrics.jsonl"),
+                              cm.SMOKE_EPOCHS)
+    for figure in cm.FIGURES.values():
+        assert _is_png(runs_dir / figure) and f"]({figure})" in report
+
+    logs = {name: (runs_dir / name / "seed0" / "metrics.jsonl").stat() for name in names}
+    second = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True,
+                            timeout=600)
+    assert second.returncode == 0, second.stdout + second.stderr
+    assert second.stdout.count("finished, skipped") == len(names)
+    for name in names:
+        after = (runs_dir / name / "seed0" / "metrics.jsonl").stat()
+        assert (after.st_mtime_ns, after.st_size) == (logs[name].st_mtime_ns,
+                                                      logs[name].st_size)
+    assert (runs_dir / "RESULTS.md").read_text().count("| `smart` | 1 |") == 1
+
+
+_BLOCK_PEER_DEPENDENCIES = ("import runpy, sys; sys.modules['torch'] = None; "
+                            "sys.modules['pytorch_metric_learning'] = None; "
+                            "sys.argv = [sys.argv[1], *sys.argv[2:]]; "
+                            "runpy.run_path(sys.argv[0], run_name='__main__')")
+
+
+def test_missing_peer_dependencies_exit_2_with_the_pip_command(tmp_path):
+    peer = subprocess.run([sys.executable, "-c", _BLOCK_PEER_DEPENDENCIES,
+                           str(BENCHMARKS / "pml_peer.py"), f"--workdir={tmp_path}"],
+                          capture_output=True, text=True, timeout=120)
+    assert peer.returncode == 2
+    assert pml_peer.INSTALL_HINT in peer.stderr and "torch" in peer.stderr
+    assert "pip install torch==2.13.0 pytorch-metric-learning" in peer.stderr
+    compare = subprocess.run([sys.executable, "-c", _BLOCK_PEER_DEPENDENCIES,
+                              str(BENCHMARKS / "compare_methods.py"), "--peer",
+                              f"--data-dir={tmp_path}", f"--runs-dir={tmp_path / 'runs'}"],
+                             capture_output=True, text=True, timeout=120)
+    assert compare.returncode == 2 and pml_peer.INSTALL_HINT in compare.stderr
+    assert not (tmp_path / "runs").exists()  # nothing ran
+
+
+def test_peer_net_has_the_flax_models_parameters():
+    torch = pytest.importorskip("torch")
+    pytest.importorskip("pytorch_metric_learning")
+    import jax
+    import jax.numpy as jnp
+
+    from experiments.configs import omniglot
+    from smine_jax import models
+
+    config = omniglot.get_config()
+    model = models.build_model(config.model)
+    shapes = jax.eval_shape(lambda key: model.init(key, jnp.zeros((2, 28, 28, 1)), train=False),
+                            jax.random.PRNGKey(0))
+    flax_sizes = sorted(int(np.prod(leaf.shape)) for leaf in jax.tree.leaves(shapes))
+    torch.manual_seed(0)
+    net = pml_peer.build_net(64, 4, 64, 1)
+    torch_sizes = sorted([p.numel() for p in net.parameters()]
+                         + [b.numel() for n, b in net.named_buffers() if "running" in n])
+    assert torch_sizes == flax_sizes
+    net.eval()
+    images = np.random.default_rng(0).integers(0, 256, (5, 28, 28, 1), dtype=np.uint8)
+    with torch.no_grad():
+        out = net(pml_peer.to_tensor(images, (0.92,), (0.22,))).numpy()
+    assert out.shape == (5, 64)
+    np.testing.assert_allclose(np.linalg.norm(out, axis=1), 1.0, rtol=1e-5)
+    expected = (images.transpose(0, 3, 1, 2) / 255.0 - 0.92) / 0.22
+    np.testing.assert_allclose(pml_peer.to_tensor(images, (0.92,), (0.22,)).numpy(), expected,
+                               rtol=1e-6, atol=1e-6)
