@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import subprocess
 import sys
 import time
@@ -54,7 +53,9 @@ def run_one(args) -> dict:
     start = time.perf_counter()
     results = metrics.evaluate(points, labels, timings=timings)
     seconds = time.perf_counter() - start
-    peak_gib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 2**30  # KiB on Linux
+    from smine_jax import hostmem
+
+    peak_gib = hostmem.peak_rss_gib()
     return dict(results, seconds=seconds, knn_seconds=timings["knn"],
                 kmeans_seconds=timings["kmeans"], peak_rss_gib=peak_gib,
                 device=str(jax.devices()[0].platform))

@@ -26,7 +26,6 @@ import argparse
 import json
 import os
 import platform
-import resource
 import subprocess
 import sys
 import time
@@ -60,12 +59,6 @@ def clustered_embeddings(num_rows: int, dim: int, seed: int):
     embeddings += centres[labels]
     embeddings /= np.linalg.norm(embeddings, axis=1, keepdims=True)
     return embeddings, labels
-
-
-def _peak_rss_gib() -> float:
-    """Peak resident set size of this process (Linux reports KiB, macOS bytes)."""
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return peak * (1 if sys.platform == "darwin" else 1024) / 2**30
 
 
 def _time_sample_triplets(ids, sq_dists, labels, kappa: float):
@@ -117,7 +110,9 @@ def run_worker(args) -> dict:
 
     to_device_s, compile_s, triplets_s, note = _time_sample_triplets(ids, sq_dists, labels,
                                                                      args.kappa)
-    peak_rss = _peak_rss_gib()
+    from smine_jax import hostmem
+
+    peak_rss = hostmem.peak_rss_gib()
 
     queries = np.random.default_rng(args.seed + 1).choice(
         args.size, min(args.recall_queries, args.size), replace=False)

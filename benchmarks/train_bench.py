@@ -30,7 +30,6 @@ import importlib
 import json
 import os
 import platform
-import resource
 import sys
 import time
 from pathlib import Path
@@ -72,8 +71,9 @@ def _peak_memory(jax) -> tuple[str, float]:
     stats = jax.devices()[0].memory_stats() or {}
     if "peak_bytes_in_use" in stats:
         return "device", stats["peak_bytes_in_use"] / 2**30
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return "host RSS", peak * (1 if sys.platform == "darwin" else 1024) / 2**30
+    from smine_jax import hostmem
+
+    return "host RSS", hostmem.peak_rss_gib()
 
 
 def _timed(call, count: int, block) -> tuple[float, float]:
@@ -108,8 +108,7 @@ def run(args) -> dict:
     model = models.build_model(config.model)
     augment, center = data.preprocessors(config.data)
     state = train.create_train_state(config, model, (crop, crop, channels), steps_per_epoch=100)
-    # One buffer per leaf (the step donates the state; equal leaves may share a buffer).
-    state = jax.device_put(jax.tree.map(lambda leaf: np.array(leaf), state), replicated)
+    state = train.replicated_state(state, replicated)
     step = jax.jit(train.make_train_step(model, train.make_objective(config), augment),
                    donate_argnums=(0,), out_shardings=(replicated, replicated))
 

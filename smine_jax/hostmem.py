@@ -22,6 +22,8 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import os
+import resource
+import sys
 
 # mallopt parameters (glibc's malloc.h).
 _M_TRIM_THRESHOLD = -1
@@ -52,6 +54,12 @@ def tune_malloc(*, arena_max: int = 1, mmap_threshold: int = _MAX_INT,
     return all(mallopt(parameter, value) == 1 for parameter, value in (
         (_M_ARENA_MAX, arena_max), (_M_MMAP_THRESHOLD, mmap_threshold),
         (_M_TRIM_THRESHOLD, trim_threshold)))
+
+
+def peak_rss_gib() -> float:
+    """Peak resident set size of this process in GiB (Linux reports KiB, macOS bytes)."""
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak * (1 if sys.platform == "darwin" else 1024) / 2**30
 
 
 def _glibc_mallopt():

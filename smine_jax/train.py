@@ -164,6 +164,12 @@ def create_train_state(config, model, image_shape, steps_per_epoch: int) -> Trai
         controller=controller.init(config.controller), rng=rng, tx=tx)
 
 
+def replicated_state(state: TrainState, sharding) -> TrainState:
+    """`state` placed with `sharding` (replicated), one buffer per leaf: the train step donates
+    the state, and equal leaves may share a buffer (e.g. the controller's NaN fit)."""
+    return jax.device_put(jax.tree.map(jnp.copy, state), sharding)
+
+
 def _key(rng, *path: int) -> jax.Array:
     """fold_in(... fold_in(rng, path[0]) ..., path[-1]): one key per (stream, epoch, ...)."""
     for value in path:
@@ -509,9 +515,7 @@ class _Trainer:
     # -- setup helpers ---------------------------------------------------------------------
 
     def own_buffers(self, state: TrainState) -> TrainState:
-        """`state` replicated over the mesh with one buffer per leaf: the train step donates
-        the state, and equal leaves may share a buffer (e.g. the controller's NaN fit)."""
-        return jax.device_put(jax.tree.map(jnp.copy, state), self.replicated)
+        return replicated_state(state, self.replicated)
 
     def dataset_counts(self) -> dict:
         """Images and classes of the whole dataset and of the splits this run uses (subset)."""
