@@ -293,6 +293,28 @@ def test_run_commands():
     assert pml_peer.steps_per_epoch(19_280, 1, 128) == 452  # ⌈3 × 19,280 / 128⌉
 
 
+def test_report_covers_every_run_on_disk_and_every_command(tmp_path):
+    # Runs trained by earlier invocations (other variants, seeds, the peer) stay in the report.
+    for name, seed in (("semihard", 0), ("smart", 3), (cm.PEER, 1)):
+        (tmp_path / name / f"seed{seed}").mkdir(parents=True)
+    (tmp_path / "smart" / "notes").mkdir()  # not a seed folder
+    (tmp_path / "unknown_variant" / "seed0").mkdir(parents=True)
+    names, seeds = cm.reported_runs(tmp_path, ["lifted"], [0])
+    assert names == ["smart", "semihard", "lifted", cm.PEER]  # VARIANTS order, the peer last
+    assert seeds == [0, 1, 3]
+    assert cm.reported_runs(tmp_path / "empty", ["smart"], [2]) == (["smart"], [2])
+
+    history = tmp_path / "commands.jsonl"
+    assert cm.distinct_commands(history, "now") == ["now"]
+    history.write_text("".join(json.dumps({"command": c}) + "\n" for c in "abab"))
+    assert cm.distinct_commands(history, "now") == ["a", "b"]
+    text = cm.results_markdown({"smart": {0: []}}, variants=["smart"], seeds=[0], epochs=2,
+                               command=["a", "b"])
+    assert "  - `a`\n  - `b`" in text and "- Command: " not in text
+    assert "- Command: `a`" in cm.results_markdown({"smart": {0: []}}, variants=["smart"],
+                                                   seeds=[0], epochs=2, command=["a"])
+
+
 # ----------------------------------------------------------------------------------------------
 # End to end and the peer.
 
