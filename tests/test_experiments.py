@@ -78,7 +78,7 @@ VARIANT_FIELDS = {
                    "loss.use_global": False},
     "distance_weighted": {"mining.kind": "distance_weighted", "loss.triplet_loss": "margin",
                           "loss.use_global": False},
-    "lifted": {"mining.kind": "none", "loss.kind": "lifted"},
+    "lifted": {"mining.kind": "none", "loss.kind": "lifted", "model.l2_normalise": False},
     "npairs": {"mining.kind": "none", "loss.kind": "npairs", "train.samples_per_class": 2},
 }
 

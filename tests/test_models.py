@@ -608,6 +608,19 @@ def test_small_conv_net_shapes_at_28_and_32(size, channels, pooling, feature_dim
     assert "bias" not in params["block1"]["conv"]  # BN follows: no conv bias
 
 
+def test_l2_normalise_off_returns_the_heads_raw_output(small_model):
+    model, variables = small_model
+    raw = models.build_model(small_config(l2_normalise=False))
+    images = np.random.default_rng(2).normal(size=(4, 12, 12, 1)).astype(np.float32)
+    unit = np.asarray(model.apply(variables, images))
+    out = np.asarray(raw.apply(variables, images))  # same variables: normalising adds none
+    assert not np.allclose(np.linalg.norm(out, axis=1), 1.0, rtol=1e-3)
+    np.testing.assert_allclose(out / np.linalg.norm(out, axis=1, keepdims=True), unit,
+                               rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="model.l2_normalise: expected True or False"):
+        models.build_model({**small_config().to_dict(), "l2_normalise": "no"})
+
+
 def test_embeddings_are_unit_rows_in_float32(small_model):
     model, variables = small_model
     images = np.random.default_rng(1).normal(size=(5, 12, 12, 1)).astype(np.float32)

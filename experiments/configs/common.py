@@ -138,9 +138,13 @@ def distance_weighted(config):
 
 
 def lifted(config):
-    """Lifted structured loss (Song et al. 2016) on m-per-class batches."""
+    """Lifted structured loss (Song et al. 2016) on m-per-class batches, on the head's raw
+    (unnormalised) embeddings as in the paper: on unit vectors every J_ij stays above
+    log(#negatives) + margin - 2 > 0, and on Omniglot R@1 stayed at the raw-pixel floor (0.22
+    after 20 epochs; 0.74 after 3 epochs unnormalised)."""
     config.mining.kind = "none"
     config.loss.kind = "lifted"
+    config.model.l2_normalise = False
 
 
 def npairs(config):

@@ -87,7 +87,7 @@ NAMES = ("googlenet", "resnet50", "small_conv")
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 COLLECTIONS = ("params", "batch_stats")
 _COMMON_FIELDS = {"name": "googlenet", "embedding_dim": 64, "dtype": "float32", "init_from": None,
-                  "allow_missing": False, "allow_unexpected": False}
+                  "allow_missing": False, "allow_unexpected": False, "l2_normalise": True}
 _ARCH_FIELDS = {
     "googlenet": {"transform_input": True, "dropout_rate": 0.0},
     "resnet50": {},
@@ -168,6 +168,11 @@ def l2_normalise(x, epsilon: float = 1e-12):
 class EmbeddingModel(nn.Module):
     """backbone features -> linear ``head`` (embedding_dim) -> L2 normalisation, float32 out.
 
+    ``l2_normalise=False`` (``config.model.l2_normalise``) returns the head's raw output: the
+    lifted structured and N-pair baselines are defined on unnormalised embeddings (on unit
+    vectors every lifted J_ij stays above log(#negatives) + margin - 2 > 0, and the N-pair loss's
+    embedding penalty is a constant).
+
     ``__call__(images, train=False)``: images NHWC float [N, H, W, C], normalised. With
     ``train=True`` batch norm uses batch statistics: apply with ``mutable=["batch_stats"]``
     (and ``rngs={"dropout": key}`` for a GoogLeNet with dropout_rate > 0).
@@ -175,6 +180,7 @@ class EmbeddingModel(nn.Module):
 
     backbone: nn.Module
     embedding_dim: int = 64
+    l2_normalise: bool = True
 
     @nn.compact
     def __call__(self, images, train: bool = False):
@@ -186,7 +192,7 @@ class EmbeddingModel(nn.Module):
         features = self.backbone(images, train=train).astype(jnp.float32)
         embeddings = nn.Dense(self.embedding_dim, dtype=jnp.float32, param_dtype=jnp.float32,
                               name=_HEAD)(features)
-        return l2_normalise(embeddings)
+        return l2_normalise(embeddings) if self.l2_normalise else embeddings
 
 
 def default_config(name: str = "googlenet"):
@@ -226,7 +232,7 @@ def _resolve_config(model_config) -> dict[str, Any]:
     cfg["embedding_dim"] = _positive_int(cfg["embedding_dim"], "embedding_dim")
     if cfg["dtype"] not in DTYPES:
         raise ValueError(f"model.dtype={cfg['dtype']!r}: expected one of {tuple(DTYPES)}")
-    for field in ("allow_missing", "allow_unexpected", "transform_input"):
+    for field in ("allow_missing", "allow_unexpected", "transform_input", "l2_normalise"):
         if field in cfg:
             cfg[field] = _boolean(cfg[field], field)
     init_from = cfg["init_from"]
@@ -260,7 +266,8 @@ def build_model(model_config) -> EmbeddingModel:
     else:
         backbone = SmallConvNet(width=cfg["width"], depth=cfg["depth"], pooling=cfg["pooling"],
                                 dtype=dtype)
-    return EmbeddingModel(backbone=backbone, embedding_dim=cfg["embedding_dim"])
+    return EmbeddingModel(backbone=backbone, embedding_dim=cfg["embedding_dim"],
+                          l2_normalise=cfg["l2_normalise"])
 
 
 def init_variables(model: nn.Module, key, input_shape, model_config=None) -> dict:
