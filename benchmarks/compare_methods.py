@@ -822,8 +822,8 @@ def reported_runs(runs_dir: Path, names: Sequence[str], seeds: Sequence[int]):
     a workdir in `runs_dir` (in the order of VARIANTS, the peer last)."""
     def on_disk(name):
         folder = runs_dir / name
-        return sorted(int(p.name[4:]) for p in folder.glob("seed*")
-                      if p.is_dir() and p.name[4:].isdigit()) if folder.is_dir() else []
+        seeds = [p.name.removeprefix("seed") for p in folder.glob("seed*") if p.is_dir()]
+        return sorted(int(seed) for seed in seeds if seed.isdigit())
 
     found = {name: on_disk(name) for name in (*VARIANTS, PEER)}
     wanted = set(names) | {name for name, found_seeds in found.items() if found_seeds}

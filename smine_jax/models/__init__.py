@@ -168,10 +168,10 @@ def l2_normalise(x, epsilon: float = 1e-12):
 class EmbeddingModel(nn.Module):
     """backbone features -> linear ``head`` (embedding_dim) -> L2 normalisation, float32 out.
 
-    ``l2_normalise=False`` (``config.model.l2_normalise``) returns the head's raw output: the
-    lifted structured and N-pair baselines are defined on unnormalised embeddings (on unit
-    vectors every lifted J_ij stays above log(#negatives) + margin - 2 > 0, and the N-pair loss's
-    embedding penalty is a constant).
+    ``l2_normalise=False`` (``config.model.l2_normalise``) returns the head's raw output, as
+    the lifted structured loss is defined (the ``lifted`` variant uses it: on unit vectors every
+    J_ij stays above log(#negatives) + margin - 2 > 0). The N-pair loss is also defined on raw
+    embeddings, but the ``npairs`` variant keeps unit vectors: unnormalised at lr 0.1 it diverged.
 
     ``__call__(images, train=False)``: images NHWC float [N, H, W, C], normalised. With
     ``train=True`` batch norm uses batch statistics: apply with ``mutable=["batch_stats"]``
