@@ -115,10 +115,15 @@ def is_finished(records: Sequence[Mapping], epochs: int) -> bool:
     return any(record.get("epoch") == epochs and "test" in record for record in records)
 
 
+def run_dir(runs_dir: Path, name: str, seed: int) -> Path:
+    """The workdir of one run: RUNS/name/seedS."""
+    return runs_dir / name / f"seed{seed}"
+
+
 def load_runs(runs_dir: Path, names: Sequence[str],
               seeds: Sequence[int]) -> dict[str, dict[int, list[dict]]]:
     """{name: {seed: metrics.jsonl records}} of RUNS/name/seedS (empty list: not started)."""
-    return {name: {seed: read_records(runs_dir / name / f"seed{seed}" / "metrics.jsonl")
+    return {name: {seed: read_records(run_dir(runs_dir, name, seed) / "metrics.jsonl")
                    for seed in seeds} for name in names}
 
 
@@ -200,7 +205,7 @@ def run_all(jobs: Sequence[tuple[str, int]], *, runs_dir: Path, epochs: int, dat
     failures, machine = [], None
     with _ChildSignals() as signals:
         for number, (name, seed) in enumerate(jobs, 1):
-            workdir = runs_dir / name / f"seed{seed}"
+            workdir = run_dir(runs_dir, name, seed)
             label = f"[{number}/{len(jobs)}] {name} seed {seed}"
             records = read_records(workdir / "metrics.jsonl")
             if is_finished(records, epochs):
@@ -799,7 +804,7 @@ def _run_settings(runs_dir: Path, names: Sequence[str], seeds: Sequence[int]):
     machines, protocol, peer = [], {}, None
     for name in names:
         for seed in seeds:
-            workdir = runs_dir / name / f"seed{seed}"
+            workdir = run_dir(runs_dir, name, seed)
             if (workdir / "machine.jsonl").is_file():
                 machines += read_records(workdir / "machine.jsonl")
             if not (workdir / "config.json").is_file():
@@ -855,7 +860,7 @@ def write_report(args, names: Sequence[str], seeds: Sequence[int],
     panels, title = [], ""
     for name in TRIPLET_VARIANTS:
         for seed in sorted(finished.get(name, {})):
-            panels, title = montage_panels(Path(args.runs_dir) / name / f"seed{seed}")
+            panels, title = montage_panels(run_dir(Path(args.runs_dir), name, seed))
             if panels:
                 break
         if panels:
