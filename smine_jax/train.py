@@ -699,7 +699,8 @@ class _Checkpoints:
 
     meta: {"epoch": epoch of the checkpoint, "position": steps done in that epoch (None at an
     epoch boundary), "epoch_start_step": checkpoint step of the epoch's start (None: the
-    initial state), "batch_losses", "batch_errors": per-step values so far}.
+    initial state), "batch_losses", "batch_errors": per-step values so far, "train_seconds":
+    seconds spent training those steps (so a resumed epoch reports its whole train time)}.
     """
 
     def __init__(self, directory: Path, keep: int):
@@ -837,6 +838,8 @@ def _train(trainer: _Trainer, checkpoints: _Checkpoints, writer, tqdm) -> dict[s
             start = int(meta["position"]) if resuming else 0
             batch_losses = list(meta["batch_losses"]) if resuming else []
             batch_errors = list(meta["batch_errors"]) if resuming else []
+            # Train time before the interruption (absent in checkpoints of older versions).
+            seconds_before = float(meta.get("train_seconds", 0.0)) if resuming else 0.0
             train_started = time.perf_counter()
             with tqdm(total=trainer.steps_per_epoch, initial=start, desc=f"epoch {epoch}",
                       unit="step", disable=not show_progress, leave=False) as progress:
@@ -845,12 +848,13 @@ def _train(trainer: _Trainer, checkpoints: _Checkpoints, writer, tqdm) -> dict[s
             values = jax.device_get(step_metrics)
             batch_losses += [float(value["loss"]) for value in values]
             batch_errors += [float(value["training_error"]) for value in values]
-            train_seconds = time.perf_counter() - train_started
+            train_seconds = seconds_before + time.perf_counter() - train_started
+            position = start + len(values)
             if stopped:
-                position = start + len(values)
                 checkpoints.save(state, {
                     "epoch": epoch, "position": position, "epoch_start_step": epoch_start_step,
-                    "batch_losses": batch_losses, "batch_errors": batch_errors})
+                    "batch_losses": batch_losses, "batch_errors": batch_errors,
+                    "train_seconds": train_seconds})
                 if mid_epoch_step is not None:  # keep one mid-epoch checkpoint at most
                     checkpoints.delete(mid_epoch_step)
                 raise Preempted(f"SIGTERM: saved step {int(state.step)} (epoch {epoch}, step "
@@ -867,15 +871,17 @@ def _train(trainer: _Trainer, checkpoints: _Checkpoints, writer, tqdm) -> dict[s
                 "learning_rate": float(trainer.schedule(int(state.step) - 1)),
                 **{name: value for name, value in plan.record.items() if name != "seconds"},
                 "seconds": {**plan.record["seconds"], "train": train_seconds, "eval": 0.0},
-                "train_images_per_second": len(values) * images_per_step / max(
+                "train_images_per_second": position * images_per_step / max(
                     train_seconds, 1e-9),
             }
+            if resuming:  # the epoch ran in two processes; its times add both parts
+                record["resumed_at_position"] = start
             if epoch % int(config.train.eval_every) == 0 or epoch == epochs:
                 eval_started = time.perf_counter()
                 final = trainer.evaluate(state)
                 record["seconds"]["eval"] = time.perf_counter() - eval_started
                 record["test"] = final
-            record["seconds"]["epoch"] = time.perf_counter() - epoch_started
+            record["seconds"]["epoch"] = seconds_before + time.perf_counter() - epoch_started
             trainer.log.append(record)
             writer.write_scalars(epoch, {
                 name: value for name, value in logs.flatten(record).items()
