@@ -69,6 +69,9 @@ METRICS = (("recall@1", "R@1"), ("recall@2", "R@2"), ("recall@4", "R@4"),
            ("recall@8", "R@8"), ("nmi", "NMI"), ("map@r", "MAP@R"))
 PHASES = ("embed", "index", "mine", "train", "eval")
 FRACTION = 0.95
+# An epoch whose train time covers less than this share of the run's full epoch's images timed
+# only the part after a mid-epoch restart (older train loops): `complete_interrupted_epochs`.
+PARTIAL_EPOCH = 0.99
 # The controller's target training error and dead band (SPEC §3; controller.target_error,
 # controller.tolerance): "settled" = the training error stays within target ± tolerance.
 TARGET_ERROR = float(omniglot.get_config().controller.target_error)
@@ -120,10 +123,42 @@ def run_dir(runs_dir: Path, name: str, seed: int) -> Path:
     return runs_dir / name / f"seed{seed}"
 
 
+def images_trained(record: Mapping) -> float:
+    """Training images the record's `seconds.train` timed (images/s × seconds)."""
+    return (float(record.get("train_images_per_second", 0.0))
+            * float(record.get("seconds", {}).get("train", 0.0)))
+
+
+def complete_interrupted_epochs(records: Sequence[Mapping]) -> list[dict]:
+    """The records with the train time of epochs that timed only part of their steps scaled
+    to the whole epoch, marked `train_seconds_timed_share`.
+
+    Before the train loop carried an interrupted epoch's train time across the restart, an
+    epoch resumed mid-way recorded only the steps after the restart; its train and epoch
+    seconds are scaled by (the run's full epoch images) / (images it timed). Every other
+    record is returned unchanged."""
+    full = max((images_trained(record) for record in records), default=0.0)
+    completed = []
+    for record in records:
+        timed = images_trained(record)
+        if full <= 0 or timed <= 0 or timed >= PARTIAL_EPOCH * full:
+            completed.append(dict(record))
+            continue
+        seconds = dict(record["seconds"])
+        extra = seconds["train"] * (full / timed - 1.0)
+        seconds["train"] += extra
+        seconds["epoch"] = seconds.get("epoch", 0.0) + extra
+        completed.append({**record, "seconds": seconds,
+                          "train_seconds_timed_share": timed / full})
+    return completed
+
+
 def load_runs(runs_dir: Path, names: Sequence[str],
               seeds: Sequence[int]) -> dict[str, dict[int, list[dict]]]:
-    """{name: {seed: metrics.jsonl records}} of RUNS/name/seedS (empty list: not started)."""
-    return {name: {seed: read_records(run_dir(runs_dir, name, seed) / "metrics.jsonl")
+    """{name: {seed: metrics.jsonl records}} of RUNS/name/seedS (empty list: not started),
+    interrupted epochs' train time completed (`complete_interrupted_epochs`)."""
+    return {name: {seed: complete_interrupted_epochs(
+                read_records(run_dir(runs_dir, name, seed) / "metrics.jsonl"))
                    for seed in seeds} for name in names}
 
 
@@ -420,6 +455,19 @@ def _progress_lines(runs: Mapping, epochs: int) -> list[str]:
     return lines
 
 
+def _scaled_epoch_lines(finished: Mapping) -> list[str]:
+    """Setup lines naming the epochs whose train time `complete_interrupted_epochs` scaled."""
+    scaled = [f"{name} seed {seed} epoch {record['epoch']} "
+              f"({record['train_seconds_timed_share']:.0%} timed)"
+              for name, by_seed in finished.items() for seed, records in by_seed.items()
+              for record in records if "train_seconds_timed_share" in record]
+    if not scaled:
+        return []
+    return ["- Epochs resumed mid-way by a train loop that timed only the steps after the "
+            "restart; their train time is scaled to the whole epoch from the steps it timed: "
+            + "; ".join(scaled) + "."]
+
+
 def _command_lines(command: str | Sequence[str]) -> list[str]:
     """The Setup section's command line(s): one command, or the list that trained the runs."""
     commands = [command] if isinstance(command, str) else list(command)
@@ -451,7 +499,8 @@ def results_markdown(runs: Mapping[str, Mapping[int, list]], *, variants: Sequen
              "(the peer: `python benchmarks/pml_peer.py` with the same flags).",
              f"- Seeds: {', '.join(map(str, seeds))}; {epochs} epochs; test metrics on the "
              "evaluation classes after every epoch (`metrics.evaluate`).",
-             "- Machine(s) of the runs:", *["  " + line for line in _machine_lines(machines)]]
+             "- Machine(s) of the runs:", *["  " + line for line in _machine_lines(machines)],
+             *_scaled_epoch_lines(finished)]
     protocol = dict(protocol or {})
     train_images = protocol.get("train_images")
     batch = int(protocol.get("batch_images") or 128)

@@ -119,6 +119,28 @@ def test_settled_epoch_needs_the_error_to_stay_in_the_band():
     assert cm.settled_epoch(_run([0.1, 0.2]), 0.5) is None  # never mines
 
 
+def test_an_epoch_resumed_mid_way_gets_its_train_time_scaled_to_the_whole_epoch():
+    # Epochs of 100 steps × 10 images at 50 images/s (20 s); epoch 2 was resumed after step 75
+    # by a loop that timed only the last 25 steps (5 s); epoch 3 is a complete resumed epoch.
+    records = [_record(1, 0.5, seconds={"train": 20.0, "epoch": 22.0},
+                       train_images_per_second=50.0),
+               _record(2, 0.6, seconds={"train": 5.0, "epoch": 7.0},
+                       train_images_per_second=50.0),
+               _record(3, 0.7, seconds={"train": 21.0, "epoch": 23.0},
+                       train_images_per_second=1000 / 21.0, resumed_at_position=40)]
+    completed = cm.complete_interrupted_epochs(records)
+    assert [r["seconds"]["train"] for r in completed] == pytest.approx([20.0, 20.0, 21.0])
+    assert [r["seconds"]["epoch"] for r in completed] == pytest.approx([22.0, 22.0, 23.0])
+    assert [r.get("train_seconds_timed_share") for r in completed] == [None, 0.25, None]
+    assert records[1]["seconds"]["train"] == 5.0  # the input is not modified
+    # Records without a rate (older logs, the smoke tests' synthetic runs) stay as they are.
+    assert cm.complete_interrupted_epochs(_run([0.1, 0.2])) == _run([0.1, 0.2])
+
+    text = cm.results_markdown({"smart": {0: completed}}, variants=["smart"], seeds=[0],
+                               epochs=3, command="c")
+    assert "smart seed 0 epoch 2 (25% timed)" in text
+
+
 def test_time_split_means_and_selection_shares():
     random_epoch = _record(1, 0.1, seconds={"train": 4.0, "eval": 1.0, "epoch": 5.0})
     mining_epoch = _record(2, 0.2, mining=True, kappa=16.0, seconds={
