@@ -838,8 +838,10 @@ def _train(trainer: _Trainer, checkpoints: _Checkpoints, writer, tqdm) -> dict[s
             start = int(meta["position"]) if resuming else 0
             batch_losses = list(meta["batch_losses"]) if resuming else []
             batch_errors = list(meta["batch_errors"]) if resuming else []
-            # Train time before the interruption (absent in checkpoints of older versions).
-            seconds_before = float(meta.get("train_seconds", 0.0)) if resuming else 0.0
+            # Train time before the interruption; checkpoints of older versions lack it, and
+            # then only the steps after the restart are timed.
+            timed_before = resuming and "train_seconds" in meta
+            seconds_before = float(meta["train_seconds"]) if timed_before else 0.0
             train_started = time.perf_counter()
             with tqdm(total=trainer.steps_per_epoch, initial=start, desc=f"epoch {epoch}",
                       unit="step", disable=not show_progress, leave=False) as progress:
@@ -850,6 +852,7 @@ def _train(trainer: _Trainer, checkpoints: _Checkpoints, writer, tqdm) -> dict[s
             batch_errors += [float(value["training_error"]) for value in values]
             train_seconds = seconds_before + time.perf_counter() - train_started
             position = start + len(values)
+            steps_timed = position if timed_before else len(values)
             if stopped:
                 checkpoints.save(state, {
                     "epoch": epoch, "position": position, "epoch_start_step": epoch_start_step,
@@ -871,7 +874,7 @@ def _train(trainer: _Trainer, checkpoints: _Checkpoints, writer, tqdm) -> dict[s
                 "learning_rate": float(trainer.schedule(int(state.step) - 1)),
                 **{name: value for name, value in plan.record.items() if name != "seconds"},
                 "seconds": {**plan.record["seconds"], "train": train_seconds, "eval": 0.0},
-                "train_images_per_second": position * images_per_step / max(
+                "train_images_per_second": steps_timed * images_per_step / max(
                     train_seconds, 1e-9),
             }
             if resuming:  # the epoch ran in two processes; its times add both parts
