@@ -857,7 +857,8 @@ def _train(trainer: _Trainer, checkpoints: _Checkpoints, writer, tqdm) -> dict[s
                 checkpoints.save(state, {
                     "epoch": epoch, "position": position, "epoch_start_step": epoch_start_step,
                     "batch_losses": batch_losses, "batch_errors": batch_errors,
-                    "train_seconds": train_seconds})
+                    # Only a time that covers every step up to `position` (see steps_timed).
+                    **({"train_seconds": train_seconds} if steps_timed == position else {})})
                 if mid_epoch_step is not None:  # keep one mid-epoch checkpoint at most
                     checkpoints.delete(mid_epoch_step)
                 raise Preempted(f"SIGTERM: saved step {int(state.step)} (epoch {epoch}, step "
