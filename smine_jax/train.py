@@ -46,7 +46,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -401,6 +401,38 @@ def _pad_rows(rows: np.ndarray, num_rows: int) -> tuple[np.ndarray, np.ndarray]:
 
 # ----------------------------------------------------------------------------------------------
 # Preemption.
+
+
+class _EpochTrainTime(NamedTuple):
+    """An epoch's train time so far: `seconds` cover `steps_timed` of its first `position` steps.
+
+    A resumed epoch adds the time its mid-epoch checkpoint carries, so its images/s covers both
+    processes. Checkpoints of older versions carry none; then only this process's steps are
+    timed, and the time must not be stored as the whole epoch's.
+    """
+
+    seconds: float
+    steps_timed: int
+    position: int
+
+    @classmethod
+    def resumed_from(cls, meta: dict | None, start: int) -> _EpochTrainTime:
+        """The time before this process: that of the checkpoint resumed at `start` (None: a
+        fresh epoch); an older checkpoint without "train_seconds" times none of its steps."""
+        if meta is not None and "train_seconds" in meta:
+            return cls(float(meta["train_seconds"]), start, start)
+        return cls(0.0, 0, start)
+
+    def plus(self, steps: int, seconds: float) -> _EpochTrainTime:
+        """The time after `steps` more steps that took `seconds`."""
+        return type(self)(self.seconds + seconds, self.steps_timed + steps, self.position + steps)
+
+    def checkpoint_meta(self) -> dict[str, float]:
+        """{"train_seconds": ...} for a mid-epoch checkpoint, when it covers every step so far."""
+        return {"train_seconds": self.seconds} if self.steps_timed == self.position else {}
+
+    def images_per_second(self, images_per_step: int) -> float:
+        return self.steps_timed * images_per_step / max(self.seconds, 1e-9)
 
 
 class _PreemptionGuard:
@@ -838,10 +870,7 @@ def _train(trainer: _Trainer, checkpoints: _Checkpoints, writer, tqdm) -> dict[s
             start = int(meta["position"]) if resuming else 0
             batch_losses = list(meta["batch_losses"]) if resuming else []
             batch_errors = list(meta["batch_errors"]) if resuming else []
-            # Train time before the interruption; checkpoints of older versions lack it, and
-            # then only the steps after the restart are timed.
-            timed_before = resuming and "train_seconds" in meta
-            seconds_before = float(meta["train_seconds"]) if timed_before else 0.0
+            time_before = _EpochTrainTime.resumed_from(meta if resuming else None, start)
             train_started = time.perf_counter()
             with tqdm(total=trainer.steps_per_epoch, initial=start, desc=f"epoch {epoch}",
                       unit="step", disable=not show_progress, leave=False) as progress:
@@ -850,15 +879,13 @@ def _train(trainer: _Trainer, checkpoints: _Checkpoints, writer, tqdm) -> dict[s
             values = jax.device_get(step_metrics)
             batch_losses += [float(value["loss"]) for value in values]
             batch_errors += [float(value["training_error"]) for value in values]
-            train_seconds = seconds_before + time.perf_counter() - train_started
-            position = start + len(values)
-            steps_timed = position if timed_before else len(values)
+            train_time = time_before.plus(len(values), time.perf_counter() - train_started)
+            position = train_time.position
             if stopped:
                 checkpoints.save(state, {
                     "epoch": epoch, "position": position, "epoch_start_step": epoch_start_step,
                     "batch_losses": batch_losses, "batch_errors": batch_errors,
-                    # Only a time that covers every step up to `position` (see steps_timed).
-                    **({"train_seconds": train_seconds} if steps_timed == position else {})})
+                    **train_time.checkpoint_meta()})
                 if mid_epoch_step is not None:  # keep one mid-epoch checkpoint at most
                     checkpoints.delete(mid_epoch_step)
                 raise Preempted(f"SIGTERM: saved step {int(state.step)} (epoch {epoch}, step "
@@ -874,9 +901,8 @@ def _train(trainer: _Trainer, checkpoints: _Checkpoints, writer, tqdm) -> dict[s
                 "kappa_next": float(state.controller.kappa),
                 "learning_rate": float(trainer.schedule(int(state.step) - 1)),
                 **{name: value for name, value in plan.record.items() if name != "seconds"},
-                "seconds": {**plan.record["seconds"], "train": train_seconds, "eval": 0.0},
-                "train_images_per_second": steps_timed * images_per_step / max(
-                    train_seconds, 1e-9),
+                "seconds": {**plan.record["seconds"], "train": train_time.seconds, "eval": 0.0},
+                "train_images_per_second": train_time.images_per_second(images_per_step),
             }
             if resuming:  # the epoch ran in two processes; its times add both parts
                 record["resumed_at_position"] = start
@@ -885,7 +911,7 @@ def _train(trainer: _Trainer, checkpoints: _Checkpoints, writer, tqdm) -> dict[s
                 final = trainer.evaluate(state)
                 record["seconds"]["eval"] = time.perf_counter() - eval_started
                 record["test"] = final
-            record["seconds"]["epoch"] = seconds_before + time.perf_counter() - epoch_started
+            record["seconds"]["epoch"] = time_before.seconds + time.perf_counter() - epoch_started
             trainer.log.append(record)
             writer.write_scalars(epoch, {
                 name: value for name, value in logs.flatten(record).items()

@@ -422,3 +422,24 @@ def test_event_file_writer_writes_tfrecord_framed_scalar_events(tmp_path):
             entry = dict(_proto_fields(value))
             scalars[(event[2], entry[1].decode())] = struct.unpack("<f", entry[2])[0]
     assert scalars == {(3, "loss"): 0.25, (3, "test.recall@1"): 0.5, (4, "loss"): 0.125}
+
+
+def test_epoch_train_time_adds_earlier_processes_and_stores_only_whole_epoch_times():
+    fresh = train._EpochTrainTime.resumed_from(None, 0).plus(10, 4.0)
+    assert fresh == (4.0, 10, 10)
+    assert fresh.checkpoint_meta() == {"train_seconds": 4.0}
+    assert fresh.images_per_second(images_per_step=6) == pytest.approx(15.0)
+
+    # Resumed from a checkpoint that carries its time: the two processes add up.
+    resumed = train._EpochTrainTime.resumed_from({"train_seconds": 4.0}, 10).plus(5, 2.0)
+    assert resumed == (6.0, 15, 15)
+    assert resumed.checkpoint_meta() == {"train_seconds": 6.0}
+
+    # Resumed from an older checkpoint without it: only this process's 5 steps are timed, and
+    # a second SIGTERM must not store those 2 s as the time of all 15 steps.
+    older = train._EpochTrainTime.resumed_from({"position": 10}, 10).plus(5, 2.0)
+    assert older == (2.0, 5, 15)
+    assert older.checkpoint_meta() == {}
+    assert older.images_per_second(images_per_step=6) == pytest.approx(15.0)
+    third = train._EpochTrainTime.resumed_from(older.checkpoint_meta(), 15).plus(5, 1.0)
+    assert third == (1.0, 5, 20)
