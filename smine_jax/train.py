@@ -732,7 +732,8 @@ class _Checkpoints:
     meta: {"epoch": epoch of the checkpoint, "position": steps done in that epoch (None at an
     epoch boundary), "epoch_start_step": checkpoint step of the epoch's start (None: the
     initial state), "batch_losses", "batch_errors": per-step values so far, "train_seconds":
-    seconds spent training those steps (so a resumed epoch reports its whole train time)}.
+    seconds spent training those steps (so a resumed epoch reports its whole train time;
+    absent when this process did not time them all, see _EpochTrainTime)}.
     """
 
     def __init__(self, directory: Path, keep: int):
