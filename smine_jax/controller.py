@@ -7,9 +7,20 @@ target e_t by fitting the linear model κ = α·e + β (Eq. 7) by least squares 
 (κ, e) pairs and using κ_next = α·e_t + β (Eq. 8), clipped to [κ_min, κ_max].
 
 Epoch schedule (SPEC §2 step 5): the first ``random_epochs`` epochs train on random triplets
-only; they enter the history as (κ_random, e) points. The first mining epoch uses κ₀
-(``kappa_init``); from the second mining epoch on, κ comes from the fit (``policy="adaptive"``)
-or from the manual halving schedule (``policy="manual"``, the ablation without controller).
+only; they enter the history as (κ_random, e) points, or not at all (``kappa_random=None``).
+The first mining epoch uses κ₀ (``kappa_init``: a number, or ``"auto"``: calibrated from that
+epoch's neighbour lists so that a share ``kappa_init_share`` of the anchors can be mined,
+``calibrate_kappa``); from the second mining epoch on, κ comes from the fit
+(``policy="adaptive"``) or from the manual halving schedule (``policy="manual"``, the ablation
+without controller).
+
+The signal (``error_on``): ``"all"``, the training error over every triplet of the epoch (SPEC
+v1), or ``"mined"``, over the mined triplets only. With a share of random triplets in every
+batch (~0.1 error each) the first cannot reach a target of 0.5 when half the triplets are
+random, and it cannot tell "well tuned" from "nothing mined"; the second measures only what κ
+controls. An epoch without a measurement (``"mined"`` and nothing mined) records no point; in a
+mining epoch κ is then divided by ``degenerate_factor`` (nothing mined: κ too large for the
+lists).
 
 The state is a ``flax.struct`` pytree: array leaves for what changes (so it can live in the
 train state, pass through ``jax.jit`` and be saved by orbax), the settings as a static, hashable
@@ -45,7 +56,8 @@ Choices where SPEC/paper are silent (all are ``ControllerConfig`` fields):
   ``manual_halve_every`` mining epochs, floor κ_min — counted from the first mining epoch (with
   the defaults: epochs 3–5 use 16, 6–8 use 8, 9–11 use 4, 12–14 use 2, from 15 on 1).
 - Random-only epochs set ``state.kappa = kappa_random`` (unused by the trainer, since those
-  epochs do not mine, but recorded in the history); it is not clipped.
+  epochs do not mine, but recorded in the history; ``kappa_max`` for display when
+  ``kappa_random`` is None); it is not clipped.
 - Under ``jax.jit`` a non-finite training error cannot raise: it is left out of the history and
   κ is kept (the epoch schedule still advances).
 """
@@ -63,6 +75,8 @@ import numpy as np
 from flax import struct
 
 POLICIES = ("adaptive", "manual")
+ERROR_SIGNALS = ("all", "mined")
+AUTO = "auto"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -72,9 +86,13 @@ class ControllerConfig:
     Attributes:
       policy: "adaptive" (least-squares controller, Eqs. 7–8) or "manual" (halving schedule).
       target_error: e_t in (0, 1); the paper finds 0.5–0.75 work well.
+      error_on: the signal: "all" (training error over every triplet) or "mined" (over the
+        mined triplets only; no point where nothing was mined).
       window: W >= 2, number of recent (κ, e) pairs in the least-squares fit.
-      kappa_init: κ₀, the κ of the first mining epoch (the paper advises starting large).
-      kappa_random: κ recorded for the random-only epochs.
+      kappa_init: κ₀, the κ of the first mining epoch (the paper advises starting large), or
+        "auto": calibrated at the first mining epoch (``calibrate_kappa``), clipped.
+      kappa_init_share: q of "auto": the share of anchors with a valid negative at κ₀.
+      kappa_random: κ recorded for the random-only epochs; None: they record no point.
       kappa_min, kappa_max: clip range of every κ the controller sets for a mining epoch.
       random_epochs: epochs of random triplets before mining starts (SPEC: 2).
       degenerate_factor: > 1, multiplicative step of κ when the fit is degenerate.
@@ -88,9 +106,11 @@ class ControllerConfig:
 
     policy: str = "adaptive"
     target_error: float = 0.5
+    error_on: str = "all"
     window: int = 3
-    kappa_init: float = 16.0
-    kappa_random: float = 64.0
+    kappa_init: float | str = 16.0
+    kappa_init_share: float = 0.5
+    kappa_random: float | None = 64.0
     kappa_min: float = 1.0
     kappa_max: float = 64.0
     random_epochs: int = 2
@@ -102,28 +122,37 @@ class ControllerConfig:
     manual_halve_every: int = 3
 
     def __post_init__(self):
-        for field in dataclasses.fields(self):
-            value = getattr(self, field.name)
-            if field.type == "int":
-                value = _as_int(field.name, value)
-            elif field.type == "float" or (field.type == "float | None" and value is not None):
-                value = _as_float(field.name, value)
-            elif field.type == "bool":
-                if not isinstance(value, (bool, np.bool_)):
-                    raise ValueError(f"{field.name}: expected True or False, got {value!r}")
-                value = bool(value)
-            object.__setattr__(self, field.name, value)
+        for name in ("target_error", "kappa_init_share", "kappa_min", "kappa_max",
+                     "degenerate_factor", "min_slope", "tolerance"):
+            self._set(name, _as_float(name, getattr(self, name)))
+        for name in ("window", "random_epochs", "manual_halve_every"):
+            self._set(name, _as_int(name, getattr(self, name)))
+        for name in ("kappa_random", "max_step_factor"):
+            if getattr(self, name) is not None:
+                self._set(name, _as_float(name, getattr(self, name)))
+        if self.kappa_init != AUTO:
+            self._set("kappa_init", _as_float(
+                "kappa_init", self.kappa_init, expected=f"a real number or {AUTO!r}"))
+        if not isinstance(self.negative_slope_only, (bool, np.bool_)):
+            raise ValueError(
+                f"negative_slope_only: expected True or False, got {self.negative_slope_only!r}")
+        self._set("negative_slope_only", bool(self.negative_slope_only))
         if self.policy not in POLICIES:
             raise ValueError(f"policy: expected one of {POLICIES}, got {self.policy!r}")
+        if self.error_on not in ERROR_SIGNALS:
+            raise ValueError(f"error_on: expected one of {ERROR_SIGNALS}, got {self.error_on!r}")
         _require(0.0 < self.target_error < 1.0, "target_error", "must lie in (0, 1)", self)
+        _require(0.0 < self.kappa_init_share <= 1.0, "kappa_init_share", "must lie in (0, 1]",
+                 self)
         _require(self.window >= 2, "window", "must be >= 2 (a line needs two points)", self)
         _require(self.kappa_min > 0.0, "kappa_min", "must be > 0", self)
         _require(self.kappa_max >= self.kappa_min, "kappa_max",
                  f"must be >= kappa_min = {self.kappa_min}", self)
-        _require(self.kappa_min <= self.kappa_init <= self.kappa_max, "kappa_init",
-                 f"must lie in [kappa_min, kappa_max] = [{self.kappa_min}, {self.kappa_max}]",
-                 self)
-        _require(self.kappa_random > 0.0, "kappa_random", "must be > 0", self)
+        _require(self.kappa_init == AUTO or self.kappa_min <= self.kappa_init <= self.kappa_max,
+                 "kappa_init", f"must be {AUTO!r} or lie in [kappa_min, kappa_max] = "
+                 f"[{self.kappa_min}, {self.kappa_max}]", self)
+        _require(self.kappa_random is None or self.kappa_random > 0.0, "kappa_random",
+                 "must be > 0 or None", self)
         _require(self.random_epochs >= 0, "random_epochs", "must be >= 0", self)
         _require(self.degenerate_factor > 1.0, "degenerate_factor", "must be > 1", self)
         _require(self.min_slope >= 0.0, "min_slope", "must be >= 0", self)
@@ -132,6 +161,9 @@ class ControllerConfig:
         _require(self.max_step_factor is None or self.max_step_factor >= 1.0,
                  "max_step_factor", "must be >= 1 or None", self)
         _require(self.manual_halve_every >= 1, "manual_halve_every", "must be >= 1", self)
+
+    def _set(self, name: str, value) -> None:
+        object.__setattr__(self, name, value)
 
 
 def _require(condition: bool, name: str, expectation: str, config: ControllerConfig) -> None:
@@ -147,9 +179,9 @@ def _as_int(name: str, value) -> int:
     return int(value)
 
 
-def _as_float(name: str, value) -> float:
+def _as_float(name: str, value, expected: str = "a real number") -> float:
     if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Real):
-        raise ValueError(f"{name}: expected a real number, got {value!r}")
+        raise ValueError(f"{name}: expected {expected}, got {value!r}")
     if not math.isfinite(value):
         raise ValueError(f"{name}: expected a finite number, got {value!r}")
     return float(value)
@@ -160,7 +192,10 @@ class ControllerState:
     """Controller state (a pytree). Leaves are jax arrays; ``config`` is static.
 
     Attributes:
-      kappa: f32[], the κ to use in the next epoch.
+      kappa: f32[], the κ to use in the next epoch (NaN before the first mining epoch of
+        ``kappa_init="auto"`` until ``set_initial_kappa`` calibrates it).
+      kappa_start: f32[], κ₀ of the first mining epoch (NaN until calibrated for "auto"); the
+        manual schedule halves it.
       epoch: i32[], epochs completed so far (0 after ``init``); the next epoch is ``epoch + 1``.
       kappas, errors: f32[W], recorded (κ used, training error) pairs, oldest first; only the
         last ``count`` entries are valid (the rest are zero).
@@ -172,6 +207,7 @@ class ControllerState:
     """
 
     kappa: jax.Array
+    kappa_start: jax.Array
     epoch: jax.Array
     kappas: jax.Array
     errors: jax.Array
@@ -220,8 +256,10 @@ def init(config=None, **overrides) -> ControllerState:
     config = ControllerConfig(**fields)
     epoch = jnp.zeros((), jnp.int32)
     nan = jnp.full((), jnp.nan, jnp.float32)
+    kappa_start = nan if config.kappa_init == AUTO else jnp.float32(config.kappa_init)
     return ControllerState(
-        kappa=_scheduled_kappa(config, epoch, mined_kappa=jnp.float32(config.kappa_init)),
+        kappa=_scheduled_kappa(config, epoch, mined_kappa=kappa_start, kappa_start=kappa_start),
+        kappa_start=kappa_start,
         epoch=epoch,
         kappas=jnp.zeros((config.window,), jnp.float32),
         errors=jnp.zeros((config.window,), jnp.float32),
@@ -233,8 +271,26 @@ def init(config=None, **overrides) -> ControllerState:
     )
 
 
-def update(state: ControllerState, training_error) -> ControllerState:
-    """Records the finished epoch's (κ, training error) and sets ``state.kappa`` for the next.
+def _check_error(name: str, value) -> None:
+    """ValueError naming ``name`` unless a concrete value is a finite scalar in [0, 1]."""
+    if isinstance(value, jax.core.Tracer):
+        if jnp.shape(value) != ():
+            raise ValueError(f"{name}: expected a scalar, got shape {jnp.shape(value)}")
+        return
+    array = np.asarray(value)
+    if array.shape != ():
+        raise ValueError(f"{name}: expected a scalar, got shape {array.shape}")
+    if array.dtype == bool or not (
+            np.issubdtype(array.dtype, np.floating) or np.issubdtype(array.dtype, np.integer)):
+        raise ValueError(f"{name}: expected a real number, got dtype {array.dtype}")
+    if not np.isfinite(array):
+        raise ValueError(f"{name}: expected a finite number, got {array}")
+    if not 0.0 <= array <= 1.0:
+        raise ValueError(f"{name}: expected a fraction of triplets in [0, 1], got {array}")
+
+
+def update(state: ControllerState, training_error, mined_error=None) -> ControllerState:
+    """Records the finished epoch's (κ, error) and sets ``state.kappa`` for the next.
 
     Pure and jit-compatible. Call it once after every epoch, random-only epochs included.
 
@@ -242,30 +298,23 @@ def update(state: ControllerState, training_error) -> ControllerState:
       state: the ``ControllerState`` the finished epoch used (its ``kappa`` is the κ recorded,
         or ``kappa_random`` for a random-only epoch).
       training_error: scalar in [0, 1], the epoch's training error (mean over batches of the
-        fraction of triplets with J_t > 0, SPEC §1).
+        fraction of triplets with J_t > 0, SPEC §1); the signal of ``error_on="all"``.
+      mined_error: scalar in [0, 1] or None, the same fraction over the epoch's mined
+        triplets only (None: nothing was mined); the signal of ``error_on="mined"``.
 
     Raises:
-      ValueError: naming ``state`` or ``training_error`` (not a scalar, non-finite, outside
-        [0, 1]); value checks only run on concrete (non-traced) errors.
+      ValueError: naming ``state``, ``training_error`` or ``mined_error`` (not a scalar,
+        non-finite, outside [0, 1]); value checks only run on concrete (non-traced) errors.
     """
     if not isinstance(state, ControllerState):
         raise ValueError(f"state: expected a ControllerState, got {type(state).__name__}")
-    if not isinstance(training_error, jax.core.Tracer):
-        value = np.asarray(training_error)
-        if value.shape != ():
-            raise ValueError(f"training_error: expected a scalar, got shape {value.shape}")
-        if value.dtype == bool or not (
-                np.issubdtype(value.dtype, np.floating) or np.issubdtype(value.dtype, np.integer)):
-            raise ValueError(f"training_error: expected a real number, got dtype {value.dtype}")
-        if not np.isfinite(value):
-            raise ValueError(f"training_error: expected a finite number, got {value}")
-        if not 0.0 <= value <= 1.0:
-            raise ValueError(
-                f"training_error: expected a fraction of triplets in [0, 1], got {value}")
-    elif jnp.shape(training_error) != ():
-        raise ValueError(
-            f"training_error: expected a scalar, got shape {jnp.shape(training_error)}")
-    return _update_jit(state, jnp.asarray(training_error, jnp.float32))
+    _check_error("training_error", training_error)
+    if mined_error is not None:
+        _check_error("mined_error", mined_error)
+    signal = mined_error if state.config.error_on == "mined" else training_error
+    measured = signal is not None
+    return _update_jit(state, jnp.asarray(signal if measured else jnp.nan, jnp.float32),
+                       jnp.asarray(measured))
 
 
 def least_squares_line(kappas, errors, count):
@@ -297,38 +346,42 @@ def _window_mask(window: int, count):
     return jnp.arange(window) >= window - count
 
 
-def _scheduled_kappa(config: ControllerConfig, epochs_done, mined_kappa):
+def _scheduled_kappa(config: ControllerConfig, epochs_done, mined_kappa, kappa_start):
     """κ for epoch ``epochs_done + 1``: κ_random, κ₀ for the first mining epoch, else mined."""
+    random_kappa = config.kappa_max if config.kappa_random is None else config.kappa_random
     return jnp.where(
         epochs_done < config.random_epochs,
-        jnp.float32(config.kappa_random),
-        jnp.where(epochs_done == config.random_epochs, jnp.float32(config.kappa_init),
+        jnp.float32(random_kappa),
+        jnp.where(epochs_done == config.random_epochs, kappa_start,
                   jnp.clip(mined_kappa, config.kappa_min, config.kappa_max)),
     ).astype(jnp.float32)
 
 
-def _manual_kappa(config: ControllerConfig, epochs_done):
+def _manual_kappa(config: ControllerConfig, epochs_done, kappa_start):
     """κ₀ halved every ``manual_halve_every`` mining epochs, from the first mining epoch on."""
     mining_index = jnp.maximum(epochs_done - config.random_epochs, 0)
     halvings = (mining_index // config.manual_halve_every).astype(jnp.float32)
-    return jnp.float32(config.kappa_init) * jnp.exp2(-halvings)
+    return kappa_start * jnp.exp2(-halvings)
 
 
-def _update_arrays(state: ControllerState, error):
+def _update_arrays(state: ControllerState, error, measured):
     config = state.config
     finite = jnp.isfinite(error)
+    record = measured & finite
+    if config.kappa_random is None:  # random-only epochs enter no fit
+        record &= state.epoch >= config.random_epochs
     kappa_used = state.kappa
-    kappas = jnp.where(finite, jnp.append(state.kappas[1:], kappa_used), state.kappas)
-    errors = jnp.where(finite, jnp.append(state.errors[1:], error), state.errors)
-    count = jnp.where(finite, jnp.minimum(state.count + 1, config.window), state.count)
+    kappas = jnp.where(record, jnp.append(state.kappas[1:], kappa_used), state.kappas)
+    errors = jnp.where(record, jnp.append(state.errors[1:], error), state.errors)
+    count = jnp.where(record, jnp.minimum(state.count + 1, config.window), state.count)
     epochs_done = state.epoch + 1
     slope, intercept = least_squares_line(kappas, errors, count)
     if config.policy == "adaptive":
         valid = _window_mask(config.window, count)
         kappa_spread = (jnp.max(jnp.where(valid, kappas, -jnp.inf))
                         - jnp.min(jnp.where(valid, kappas, jnp.inf)))
-        fit_ok = (finite & (kappa_spread > 0.0) & jnp.isfinite(slope) & jnp.isfinite(intercept)
-                  & (jnp.abs(slope) >= config.min_slope))
+        fit_ok = (record & (kappa_spread > 0.0) & jnp.isfinite(slope)
+                  & jnp.isfinite(intercept) & (jnp.abs(slope) >= config.min_slope))
         if config.negative_slope_only:
             fit_ok &= slope < 0.0
         kappa_fit = slope * config.target_error + intercept
@@ -339,13 +392,15 @@ def _update_arrays(state: ControllerState, error):
         too_easy = error < config.target_error - config.tolerance
         step = jnp.where(too_hard, config.degenerate_factor,
                          jnp.where(too_easy, 1.0 / config.degenerate_factor, 1.0))
-        # A NaN error is neither too hard nor too easy: step 1, κ kept.
+        # A NaN error is neither too hard nor too easy: step 1, κ kept. No measurement (nothing
+        # mined): κ too large for the lists, so it is lowered.
+        step = jnp.where(measured, step, 1.0 / config.degenerate_factor)
         mined_kappa = jnp.where(fit_ok, kappa_fit, kappa_used * step)
     else:
         fit_ok = jnp.zeros((), bool)
-        mined_kappa = _manual_kappa(config, epochs_done)
+        mined_kappa = _manual_kappa(config, epochs_done, state.kappa_start)
     return state.replace(
-        kappa=_scheduled_kappa(config, epochs_done, mined_kappa),
+        kappa=_scheduled_kappa(config, epochs_done, mined_kappa, state.kappa_start),
         epoch=epochs_done,
         kappas=kappas,
         errors=errors,
@@ -357,3 +412,58 @@ def _update_arrays(state: ControllerState, error):
 
 
 _update_jit = jax.jit(_update_arrays)
+
+
+# ----------------------------------------------------------------------------------------------
+# κ₀ from the neighbour lists (SPEC §3, kappa_init="auto").
+
+
+def needs_initial_kappa(state: ControllerState) -> bool:
+    """Whether the next epoch is the first mining epoch of ``kappa_init="auto"``: its κ₀ must
+    come from ``set_initial_kappa`` before it mines (host-side; the state must be concrete)."""
+    return (state.config.kappa_init == AUTO
+            and int(state.epoch) == state.config.random_epochs)
+
+
+def set_initial_kappa(state: ControllerState, kappa) -> ControllerState:
+    """The state with κ₀ = ``kappa`` clipped to [kappa_min, kappa_max] as the next epoch's κ and
+    the start of the manual schedule (a non-finite ``kappa`` becomes kappa_max)."""
+    config = state.config
+    kappa = jnp.asarray(kappa, jnp.float32)
+    kappa = jnp.where(jnp.isnan(kappa), config.kappa_max,
+                      jnp.clip(kappa, config.kappa_min, config.kappa_max)).astype(jnp.float32)
+    return state.replace(kappa=kappa, kappa_start=kappa)
+
+
+def kappa_for_share(ratios, share):
+    """The largest κ at which a share ``share`` of the anchors has ``ratio >= κ``: the
+    ⌈share · A⌉-th largest of ``ratios`` (f32[A], from ``mining.boundary_ratios``); 0 for A = 0.
+    Jit-compatible (``share`` may be traced)."""
+    ratios = jnp.asarray(ratios, jnp.float32).reshape(-1)
+    if ratios.shape[0] == 0:
+        return jnp.float32(0.0)
+    descending = -jnp.sort(-ratios)
+    rank = jnp.ceil(jnp.asarray(share, jnp.float32) * ratios.shape[0]).astype(jnp.int32) - 1
+    return descending[jnp.clip(rank, 0, ratios.shape[0] - 1)]
+
+
+def calibrate_kappa(neighbour_ids, neighbour_sq_dists, labels, *, share=0.5, anchor_ids=None,
+                    chunk_size: int = 2048):
+    """κ₀ such that a share ``share`` of the anchors has a valid negative in its list (SPEC §3).
+
+    Per anchor, the largest κ at which its list still holds a valid negative is
+    r = d²(farthest negative after p⁺ᴺᴺ) / d²(p⁺ᴺᴺ) (``mining.boundary_ratios``: 0 without
+    p⁺ᴺᴺ or a negative after it); κ₀ is the largest κ with a share ``share`` of the anchors at
+    r >= κ. Not clipped (``set_initial_kappa`` clips). r grows with the list length k, so k and
+    κ₀ are chosen together. Arguments as ``mining.sample_triplets``; ValueError naming the
+    argument for bad input, including ``share`` outside (0, 1].
+    """
+    from smine_jax import mining
+
+    if not isinstance(share, jax.core.Tracer):
+        value = _as_float("share", share)
+        if not 0.0 < value <= 1.0:
+            raise ValueError(f"share: expected a value in (0, 1], got {value}")
+    ratios = mining.boundary_ratios(neighbour_ids, neighbour_sq_dists, labels,
+                                    anchor_ids=anchor_ids, chunk_size=chunk_size)
+    return kappa_for_share(ratios, share)

@@ -246,7 +246,7 @@ def global_loss(anchor, positive, negative, *, margin=0.01, weight=0.8, mask=Non
 
 
 def triplet_objective(anchor, positive, negative, *, mask=None, margin=0.2, global_margin=0.01,
-                      global_weight=0.8, use_global=True, triplet_loss="ratio"):
+                      global_weight=0.8, use_global=True, triplet_loss="ratio", mined=None):
     """Training objective of SPEC §1: mean over valid triplets of J_t, plus J_g (Eq. 3).
 
     Args:
@@ -256,13 +256,18 @@ def triplet_objective(anchor, positive, negative, *, mask=None, margin=0.2, glob
       global_margin, global_weight: t and lambda of the global loss.
       use_global: add J_g to the loss (static).
       triplet_loss: "ratio" (Eq. 2, plain distances) or "margin" (FaceNet, squared) (static).
+      mined: optional bool [B], the triplets that came from mining: their error is also
+        counted apart (``num_mined``, ``mined_violations``), the controller's signal for
+        ``controller.error_on="mined"``.
 
     Returns:
       (loss, aux): loss is f32[]; aux is a dict of f32[] scalars: ``loss``, ``triplet_loss``
       (mean J_t over valid triplets), ``global_loss`` (J_g, reported even when ``use_global`` is
       False, then not part of ``loss``), ``training_error`` (fraction of valid triplets with
       J_t > 0: the controller's signal), ``mu_pos``, ``mu_neg``, ``var_pos``, ``var_neg``
-      (the global loss statistics, squared distances / 4) and ``num_valid``.
+      (the global loss statistics, squared distances / 4) and ``num_valid``; with ``mined``,
+      ``num_mined`` (valid mined triplets) and ``mined_violations`` (those with J_t > 0),
+      counts so that an epoch's error sums exactly over batches.
       Every entry is 0 when no triplet is valid.
     """
     if triplet_loss not in _TRIPLET_LOSSES:
@@ -288,6 +293,11 @@ def triplet_objective(anchor, positive, negative, *, mask=None, margin=0.2, glob
         "training_error": _masked_mean(violating, valid),
         **stats,
     }
+    if mined is not None:
+        _check_vector(mined, "mined", valid.shape[0], kind="bool")
+        counted = (valid > 0) & jnp.asarray(mined, bool)
+        aux["num_mined"] = jnp.sum(counted, dtype=jnp.float32)
+        aux["mined_violations"] = jnp.sum(jnp.where(counted, violating, 0.0))
     return loss, aux
 
 

@@ -63,6 +63,8 @@ class MiningInfo(NamedTuple):
     anchor_replaced: jax.Array  # bool[A*T]: random slot; anchor alone in its class, anchor redrawn
     num_valid_negatives: jax.Array  # i32[A]: valid negatives in S_i (0 without a p_nn in S_i)
     nearest_positive: jax.Array  # i32[A]: id of p_nn, -1 where S_i holds no same-class sample
+    list_inside_boundary: jax.Array  # bool[A]: S_i ends before the boundary κ·d²(p_nn): a
+    #                                  longer list (larger k) could hold valid negatives
 
 
 class EpochStats(NamedTuple):
@@ -245,6 +247,7 @@ class _RowMining(NamedTuple):
     has_positive: jax.Array  # bool[A, T]: such a positive exists (and so does the negative)
     num_valid_negatives: jax.Array  # i32[A]
     num_in_list: jax.Array  # i32[A]: same-class samples in S_i (p_nn included)
+    inside_boundary: jax.Array  # bool[A]: the last entry of S_i lies inside the boundary
 
 
 def _first_true(mask: jax.Array):
@@ -296,7 +299,8 @@ def _mine_rows(neighbour_ids, sq_dists, anchors, index, kappa, num_slots: int) -
         positive=_take(neighbour_ids, positive),
         has_positive=has_positive,
         num_valid_negatives=_count(valid_negatives),
-        num_in_list=_count(same))
+        num_in_list=_count(same),
+        inside_boundary=has_nearest & (sq_dists[:, -1] < boundary))
 
 
 def _map_row_chunks(fn, arrays, chunk_size: int):
@@ -392,7 +396,7 @@ def _mine(key, neighbour_ids, sq_dists, index, kappa, anchor_ids, *, num_slots, 
         empty = lambda dtype: jnp.zeros((0,), dtype)
         return (Triplets(empty(jnp.int32), empty(jnp.int32), empty(jnp.int32), empty(bool)),
                 MiningInfo(empty(bool), empty(bool), empty(bool), empty(jnp.int32),
-                           empty(jnp.int32)))
+                           empty(jnp.int32), empty(bool)))
     anchors = (jnp.arange(num_samples, dtype=jnp.int32) if anchor_ids is None else anchor_ids)
     words = _slot_words(key, num_samples, anchor_ids, num_slots)
     rows = _map_row_chunks(
@@ -431,7 +435,8 @@ def _mine(key, neighbour_ids, sq_dists, index, kappa, anchor_ids, *, num_slots, 
         pair_fallback=(positive_fallback & pair[:, None]).reshape(-1),
         anchor_replaced=(~mined & replaced).reshape(-1),
         num_valid_negatives=rows.num_valid_negatives,
-        nearest_positive=rows.nearest)
+        nearest_positive=rows.nearest,
+        list_inside_boundary=rows.inside_boundary)
     return triplets, info
 
 
@@ -516,10 +521,8 @@ def _first_bad_rows(neighbour_ids, sq_dists, anchors, *, num_samples, chunk_size
     return tuple(jnp.where(jnp.any(bad), jnp.argmax(bad), -1) for bad in flags)
 
 
-def _check_shapes(neighbour_ids, sq_dists, num_samples, anchor_ids, kappa, num_slots):
+def _check_shapes(neighbour_ids, sq_dists, num_samples, anchor_ids):
     """ValueErrors naming the argument for malformed shapes and types (concrete or traced)."""
-    if isinstance(num_slots, bool) or int(num_slots) != num_slots or num_slots < 1:
-        raise ValueError(f"triplets_per_anchor: expected a positive integer, got {num_slots!r}")
     ids_shape, sq_shape = np.shape(neighbour_ids), np.shape(sq_dists)
     if len(ids_shape) != 2 or ids_shape[1] < 1:
         raise ValueError(f"neighbour_ids: expected a 2-D array [A, k], k >= 1, got {ids_shape}")
@@ -537,6 +540,12 @@ def _check_shapes(neighbour_ids, sq_dists, num_samples, anchor_ids, kappa, num_s
         raise ValueError(
             f"anchor_ids: expected shape ({ids_shape[0]},) (one id per neighbour row), "
             f"got {np.shape(anchor_ids)}")
+
+
+def _check_mining_settings(kappa, num_slots) -> None:
+    """ValueErrors naming ``kappa`` (a scalar >= 0) or ``triplets_per_anchor`` (>= 1)."""
+    if isinstance(num_slots, bool) or int(num_slots) != num_slots or num_slots < 1:
+        raise ValueError(f"triplets_per_anchor: expected a positive integer, got {num_slots!r}")
     if np.ndim(kappa) != 0:
         raise ValueError(f"kappa: expected a scalar, got shape {np.shape(kappa)}")
     if _is_concrete(kappa):
@@ -599,11 +608,21 @@ def mine_triplets(key, neighbour_ids, neighbour_sq_dists, labels, kappa, *,
       ValueError: for malformed inputs, naming the argument (value checks on concrete inputs
         only; under jit the inputs are trusted).
     """
+    _check_mining_settings(kappa, triplets_per_anchor)
+    index, neighbour_ids, sq_dists, anchors = _checked_lists(
+        neighbour_ids, neighbour_sq_dists, labels, anchor_ids, chunk_size)
+    return _mine(key, neighbour_ids, sq_dists, index, jnp.asarray(kappa, jnp.float32),
+                 anchors, num_slots=int(triplets_per_anchor), chunk_size=int(chunk_size))
+
+
+def _checked_lists(neighbour_ids, neighbour_sq_dists, labels, anchor_ids, chunk_size):
+    """(class index, ids i32, sq_dists f32, anchors i32 or None) after the input checks of
+    ``mine_triplets`` (ValueError naming the argument; values only when concrete)."""
     neighbour_ids, neighbour_sq_dists, anchor_ids = (
         x if x is None or isinstance(x, jax.Array) else np.asarray(x)
         for x in (neighbour_ids, neighbour_sq_dists, anchor_ids))
     _check_shapes(neighbour_ids, neighbour_sq_dists, np.shape(labels)[0] if np.ndim(labels)
-                  else -1, anchor_ids, kappa, triplets_per_anchor)
+                  else -1, anchor_ids)
     index = _index_of_labels(labels)
     num_samples = index.order.shape[0]
     neighbour_ids = _as_ids(neighbour_ids, "neighbour_ids")
@@ -611,8 +630,47 @@ def mine_triplets(key, neighbour_ids, neighbour_sq_dists, labels, kappa, *,
     anchors = None if anchor_ids is None else _as_ids(anchor_ids, "anchor_ids")
     if _is_concrete(neighbour_ids, sq_dists, anchors):
         _check_values(neighbour_ids, sq_dists, anchors, num_samples, chunk_size)
-    return _mine(key, neighbour_ids, sq_dists, index, jnp.asarray(kappa, jnp.float32),
-                 anchors, num_slots=int(triplets_per_anchor), chunk_size=int(chunk_size))
+    return index, neighbour_ids, sq_dists, anchors
+
+
+def boundary_ratios(neighbour_ids, neighbour_sq_dists, labels, *, anchor_ids=None,
+                    chunk_size: int = 2048) -> jax.Array:
+    """f32[A]: per anchor, the largest κ at which its list still holds a valid negative.
+
+    r = d²(farthest other-class entry after p⁺ᴺᴺ) / d²(p⁺ᴺᴺ): at κ <= r that entry lies on or
+    beyond the boundary κ · d²(p⁺ᴺᴺ) (Algorithm 1 keeps d² >= boundary), at κ > r no entry
+    does. 0 where the list has no same-class entry or no other-class entry after it; +inf where
+    d²(p⁺ᴺᴺ) = 0 (a duplicate: every later negative stays valid). The rows and arguments are
+    those of ``mine_triplets``; pure and jit-compatible. ``controller.calibrate_kappa`` turns
+    the ratios into κ₀.
+    """
+    index, neighbour_ids, sq_dists, anchors = _checked_lists(
+        neighbour_ids, neighbour_sq_dists, labels, anchor_ids, chunk_size)
+    return _boundary_ratios(neighbour_ids, sq_dists, index, anchors, chunk_size=int(chunk_size))
+
+
+@functools.partial(jax.jit, static_argnames=("chunk_size",))
+def _boundary_ratios(neighbour_ids, sq_dists, index, anchor_ids, *, chunk_size):
+    if neighbour_ids.shape[0] == 0:
+        return jnp.zeros((0,), jnp.float32)
+    anchors = (jnp.arange(index.order.shape[0], dtype=jnp.int32) if anchor_ids is None
+               else anchor_ids)
+
+    def rows(ids, sq, anchor):
+        same, _ = _class_ranks(index, ids, anchor)
+        k = same.shape[1]
+        nearest, has_nearest = _first_true(same)
+        after = jnp.arange(k, dtype=jnp.int32) > nearest[:, None]
+        negatives = ~same & after & has_nearest[:, None]
+        # The farthest such entry: the first True of the reversed row.
+        reversed_position, has_negative = _first_true(negatives[:, ::-1])
+        farthest = _take(sq, k - 1 - reversed_position)
+        nearest_sq = _take(sq, nearest)
+        ratio = jnp.where(nearest_sq > 0, farthest / jnp.where(nearest_sq > 0, nearest_sq, 1.0),
+                          jnp.inf)
+        return jnp.where(has_negative, ratio, 0.0)
+
+    return _map_row_chunks(rows, (neighbour_ids, sq_dists, anchors), chunk_size)
 
 
 def sample_triplets(key, neighbour_ids, neighbour_sq_dists, labels, kappa, *,
@@ -713,4 +771,6 @@ def mining_summary(triplets: Triplets, info: MiningInfo) -> dict[str, jax.Array]
         "positive_fallback": jnp.sum(info.positive_fallback, dtype=jnp.int32),
         "pair_fallback": jnp.sum(info.pair_fallback, dtype=jnp.int32),
         "anchors_without_positive": jnp.sum(info.nearest_positive < 0, dtype=jnp.int32),
+        "anchors_mined": jnp.sum(info.num_valid_negatives > 0, dtype=jnp.int32),
+        "lists_inside_boundary": jnp.sum(info.list_inside_boundary, dtype=jnp.int32),
     }

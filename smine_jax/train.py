@@ -5,13 +5,19 @@ One epoch of Smart Mining (SPEC §2–3; Harwood et al. 2017, Algorithm 1 and Eq
     embed the training set (eval mode, jitted, sharded, padded batches: every image once)
       -> write this process's embedding shard under workdir/embeddings/epoch_XXXX
       -> read all shards -> index.neighbours (k nearest other samples of this process's anchors)
-      -> mining.mine_triplets with κ from the controller -> mining.epoch_triplets (mined share
-         `mining.mined_fraction`; epochs <= controller.random_epochs: random triplets only)
+      -> mining.mine_triplets with κ from the controller (the first mining epoch of
+         controller.kappa_init="auto" calibrates κ₀ from the lists first) on every anchor, or
+         on a random 1/T of them with T = train.triplets_per_anchor slots each
+      -> mining.epoch_triplets (mined share `mining.mined_fraction`; epochs <=
+         controller.random_epochs: random triplets only): N triplets an epoch, whatever T
       -> the epoch's triplets to workdir/triplets/epoch_XXXX.npz (`train.save_triplets`)
       -> jitted train steps on batches of `train.batch_size` triplets (augmentation inside the
          step, images gathered by id from the uint8 cache), losses.triplet_objective
-      -> training error (mean of the per-batch error) -> controller.update
-      -> evaluation on the test classes every `train.eval_every` epochs and at the end
+      -> training error (mean of the per-batch error) and that of the mined triplets
+         -> controller.update (its `error_on` picks the signal)
+      -> evaluation on the validation classes (`data.val_classes`) and the test classes every
+         `train.eval_every` epochs and at the end; the best epoch by validation R@1 is kept in
+         workdir/checkpoints_best
       -> metrics.jsonl, metric writers, checkpoint.
 
 The baselines of the paper's comparison table are variants of the same loop (config fields, see
@@ -85,7 +91,7 @@ RESUMABLE_FIELDS = (
 )
 
 # Independent random streams of one run: fold_in(fold_in(base key, stream), ...).
-_INIT, _MINE, _ASSEMBLE, _RANDOM, _STEP, _BATCHES = range(6)
+_INIT, _MINE, _ASSEMBLE, _RANDOM, _STEP, _BATCHES, _ANCHORS = range(7)
 
 
 class Preempted(RuntimeError):
@@ -189,7 +195,8 @@ def _loss_settings(config) -> dict:
 
 
 def make_objective(config) -> Callable:
-    """objective(key, embeddings f32[R, D], labels i32[B], mask bool[B]) -> (loss, aux).
+    """objective(key, embeddings f32[R, D], labels i32[B], mask bool[B], mined bool[B])
+    -> (loss, aux).
 
     Triplet batches (mining.kind "smart"): R = 3B rows (a_i, p_i, n_i), the ratio triplet +
     global loss of SPEC §1 (`losses.triplet_objective`). Image batches (every other kind): R = B
@@ -200,7 +207,9 @@ def make_objective(config) -> Callable:
         (Wu et al.) are margin-based too and share it so that only the miner differs);
       - loss "lifted": lifted structured loss over the batch; "npairs": N-pair loss over the
         (2i, 2i+1) pairs. Their training error (logged only) is that of the batch-hard triplets.
-    `aux["training_error"]` is the fraction of valid triplets with J_t > 0 (SPEC §1).
+    `aux["training_error"]` is the fraction of valid triplets with J_t > 0 (SPEC §1); triplet
+    batches also count the mined triplets (`mined`) and those of them with J_t > 0
+    (`aux["num_mined"]`, `aux["mined_violations"]`; 0 for image batches).
     """
     kind, loss_kind = str(config.mining.kind), str(config.loss.kind)
     settings = _loss_settings(config)
@@ -210,11 +219,11 @@ def make_objective(config) -> Callable:
             embeddings[triplets.anchor], embeddings[triplets.positive],
             embeddings[triplets.negative], mask=triplets.valid, **{**settings, **overrides})
 
-    def objective(key, embeddings, labels, mask):
+    def objective(key, embeddings, labels, mask, mined):
         if kind == "smart":
             triplets = embeddings.reshape(-1, 3, embeddings.shape[-1])
             return losses.triplet_objective(triplets[:, 0], triplets[:, 1], triplets[:, 2],
-                                            mask=mask, **settings)
+                                            mask=mask, mined=mined, **settings)
         if kind == "semihard":
             return triplet_loss(embeddings, batch_miners.semihard_triplets(
                 embeddings, labels, margin=settings["margin"], mask=mask,
@@ -243,15 +252,17 @@ def make_objective(config) -> Callable:
 
 
 def make_train_step(model, objective: Callable, augment: Callable) -> Callable:
-    """train_step(state, images u8[B, (3,) S, S, C], labels i32[B], mask bool[B]) -> (state, m).
+    """train_step(state, images u8[B, (3,) S, S, C], labels i32[B], mask bool[B], mined bool[B])
+    -> (state, m).
 
     Pure: the augmentation and objective keys are fold_in(rng, step), the images are augmented
     inside the step (random crop, flip, normalisation), the forward pass runs in train mode on
     all the batch's images at once (one set of batch-norm statistics), and m holds the step's
-    scalar `loss` and `training_error`.
+    scalar `loss`, `training_error`, and the counts `num_mined` and `mined_violations` of the
+    mined triplets (`mined`) and of those with J_t > 0.
     """
 
-    def train_step(state: TrainState, images, labels, mask):
+    def train_step(state: TrainState, images, labels, mask, mined):
         step_key = _key(state.rng, _STEP, state.step)
         augment_key, objective_key = jax.random.split(step_key)
         flat = images.reshape((-1, *images.shape[-3:]))
@@ -261,7 +272,8 @@ def make_train_step(model, objective: Callable, augment: Callable) -> Callable:
             embeddings, updates = model.apply(
                 {"params": params, "batch_stats": state.batch_stats}, inputs, train=True,
                 mutable=["batch_stats"])
-            loss, aux = objective(objective_key, embeddings.astype(jnp.float32), labels, mask)
+            loss, aux = objective(objective_key, embeddings.astype(jnp.float32), labels, mask,
+                                  mined)
             return loss, (aux, updates.get("batch_stats", state.batch_stats))
 
         (loss, (aux, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
@@ -269,7 +281,10 @@ def make_train_step(model, objective: Callable, augment: Callable) -> Callable:
         updates, opt_state = state.tx.update(grads, state.opt_state, state.params)
         new_state = state.replace(step=state.step + 1, params=optax.apply_updates(
             state.params, updates), batch_stats=batch_stats, opt_state=opt_state)
-        return new_state, {"loss": loss, "training_error": aux["training_error"]}
+        zero = jnp.zeros((), jnp.float32)
+        return new_state, {"loss": loss, "training_error": aux["training_error"],
+                           "num_mined": aux.get("num_mined", zero),
+                           "mined_violations": aux.get("mined_violations", zero)}
 
     return train_step
 
@@ -468,6 +483,24 @@ class _PreemptionGuard:
         return False
 
 
+def _all_processes(values: np.ndarray) -> np.ndarray:
+    """The 1-D `values` of every process, concatenated in process order (this process's alone
+    with one process); the parts may differ in length."""
+    if jax.process_count() == 1:
+        return values
+    from jax.experimental import multihost_utils
+
+    longest = int(np.max(multihost_utils.process_allgather(np.int32(len(values)))))
+    padded = np.full(longest, np.nan, np.float32)
+    padded[:len(values)] = values
+    gathered = np.asarray(multihost_utils.process_allgather(padded)).reshape(-1)
+    return gathered[~np.isnan(gathered)]
+
+
+def _finite_or_none(value: float) -> float | None:
+    return value if math.isfinite(value) else None
+
+
 def _sync(name: str) -> None:
     """Barrier across processes (no-op with one process)."""
     if jax.process_count() > 1:
@@ -482,11 +515,16 @@ def _sync(name: str) -> None:
 
 @dataclasses.dataclass
 class _EpochPlan:
-    """One epoch's batches for this process: ids [steps, local_batch(, 3)] and mask."""
+    """One epoch's batches for this process: ids [steps, local_batch(, 3)], mask, and which
+    triplets were mined ([steps, local_batch]; all False for image batches)."""
 
     ids: np.ndarray
     mask: np.ndarray
+    mined: np.ndarray
     record: dict  # what the plan's construction logs (κ, mined fraction, fallbacks, seconds)
+    # The epoch's controller (κ₀ calibrated if "auto"), on the host: the train steps donate the
+    # state it came from.
+    controller: controller.ControllerState
 
 
 class _Trainer:
@@ -506,6 +544,7 @@ class _Trainer:
         dataset = subset_dataset(dataset, max_classes=int(config.subset.max_classes),
                                  max_per_class=int(config.subset.max_per_class))
         self.train = data.load(config.data, split="train", dataset=dataset, progress=progress)
+        self.val = data.load(config.data, split="val", dataset=dataset, progress=progress)
         self.test = data.load(config.data, split="test", dataset=dataset, progress=progress)
         self.labels = np.asarray(self.train.labels, np.int32)
         self.num_train = len(self.train)
@@ -524,8 +563,7 @@ class _Trainer:
         image_shape = (data_config["crop_size"],) * 2 + (data_config["channels"],)
 
         process_count = jax.process_count()
-        local_rows = math.ceil(self.num_train / process_count) * int(
-            config.train.triplets_per_anchor)
+        local_rows = math.ceil(self.num_train / process_count)  # N triplets an epoch
         self.local_batch = int(config.train.batch_size) // process_count
         self.local_images = inbatch_images(config) // process_count
         if self.kind == "smart":
@@ -551,9 +589,10 @@ class _Trainer:
 
     def dataset_counts(self) -> dict:
         """Images and classes of the whole dataset and of the splits this run uses (subset)."""
-        return {"dataset": self.full_counts,
-                "train": {"images": self.num_train, "classes": int(self.train.num_classes)},
-                "test": {"images": len(self.test), "classes": int(self.test.num_classes)}}
+        splits = {"train": self.train, "val": self.val, "test": self.test}
+        return {"dataset": self.full_counts, **{
+            name: {"images": len(split), "classes": int(split.num_classes)}
+            for name, split in splits.items() if split is not None}}
 
     def _check_data(self) -> None:
         config = self.config
@@ -625,12 +664,24 @@ class _Trainer:
             raise RuntimeError(f"{directory}: the embedding dump does not cover every image once")
         return embeddings, labels, ids
 
+    def _epoch_anchors(self, state: TrainState, epoch: int) -> np.ndarray:
+        """This process's anchors of a mining epoch: its whole block of ids, or with T =
+        `train.triplets_per_anchor` > 1 a random ⌈1/T⌉ of it (sorted; a function of (seed,
+        epoch)), so that an epoch still trains on N triplets."""
+        block = _local_block(self.num_train)
+        per_anchor = int(self.config.train.triplets_per_anchor)
+        if per_anchor == 1:
+            return block
+        seed = np.asarray(jax.device_get(
+            _key(state.rng, _ANCHORS, epoch, jax.process_index())))
+        chosen = np.random.default_rng(seed.tolist()).choice(
+            len(block), size=math.ceil(len(block) / per_anchor), replace=False)
+        return block[np.sort(chosen)]
+
     def _triplet_plan(self, state: TrainState, epoch: int) -> _EpochPlan:
         config, ctrl = self.config, state.controller
         fraction = float(config.mining.mined_fraction)
-        anchors = _local_block(self.num_train)
-        per_anchor = int(config.train.triplets_per_anchor)
-        num_local = len(anchors) * per_anchor
+        num_local = len(_local_block(self.num_train))
         process = jax.process_index()
         seconds = {"embed": 0.0, "index": 0.0, "mine": 0.0}
         record: dict = {"mining": False, "kappa": None, "mined_fraction": 0.0,
@@ -641,15 +692,23 @@ class _Trainer:
             embeddings, labels, _ = self.embed_split(state, self.train, dump)
             self._remove_old_dumps(keep=dump)
             embedded = time.perf_counter()
+            anchors = self._epoch_anchors(state, epoch)
             neighbour_ids, sq_dists = index.neighbours(
                 embeddings, self.neighbour_count(), backend=str(config.mining.backend),
                 query_ids=anchors, **self._index_options())
             indexed = time.perf_counter()
+            chunk_size = int(config.mining.chunk_size)
+            if controller.needs_initial_kappa(ctrl):
+                ratios = _all_processes(np.asarray(mining.boundary_ratios(
+                    neighbour_ids, sq_dists, labels, anchor_ids=anchors, chunk_size=chunk_size)))
+                ctrl = controller.set_initial_kappa(ctrl, controller.kappa_for_share(
+                    ratios, ctrl.config.kappa_init_share))
+                record["kappa_calibrated"] = True
             kappa = float(ctrl.kappa)
             mined, info = mining.mine_triplets(
                 _key(state.rng, _MINE, epoch), neighbour_ids, sq_dists, labels, kappa,
-                triplets_per_anchor=per_anchor, anchor_ids=anchors,
-                chunk_size=int(config.mining.chunk_size))
+                triplets_per_anchor=int(config.train.triplets_per_anchor), anchor_ids=anchors,
+                chunk_size=chunk_size)
             triplets, stats = mining.epoch_triplets(
                 _key(state.rng, _ASSEMBLE, epoch, process), mined, labels,
                 mined_fraction=fraction, num_triplets=num_local)
@@ -659,27 +718,33 @@ class _Trainer:
                            mine=time.perf_counter() - indexed)
             record.update(mining=True, kappa=kappa, mined_fraction=float(stats.mined_fraction),
                           mined_fraction_target=fraction, k=self.neighbour_count(),
+                          anchors=len(anchors),
                           fallbacks={name: int(value) for name, value in summary.items()})
         else:
             triplets = jax.device_get(mining.random_triplets(
                 _key(state.rng, _RANDOM, epoch, process), self.labels, num_local))
         rows = np.stack([triplets.anchor, triplets.positive, triplets.negative], axis=1)
+        mined_flags = np.asarray(triplets.mined, bool)
         if bool(config.train.save_triplets):
-            self._save_triplets(epoch, rows, np.asarray(triplets.mined, bool))
-        ids, mask = _pad_rows(rows.astype(np.int32), self.steps_per_epoch * self.local_batch)
+            self._save_triplets(epoch, rows, mined_flags)
+        num_rows = self.steps_per_epoch * self.local_batch
+        ids, mask = _pad_rows(rows.astype(np.int32), num_rows)
+        mined_flags = np.concatenate([mined_flags, np.zeros(num_rows - len(rows), bool)])
         record["seconds"] = seconds
-        return _EpochPlan(ids.reshape(self.steps_per_epoch, self.local_batch, 3),
-                          mask.reshape(self.steps_per_epoch, self.local_batch), record)
+        shape = (self.steps_per_epoch, self.local_batch)
+        return _EpochPlan(ids.reshape(*shape, 3), mask.reshape(shape),
+                          mined_flags.reshape(shape), record, jax.device_get(ctrl))
 
     def _image_plan(self, state: TrainState, epoch: int) -> _EpochPlan:
         seed = np.asarray(jax.device_get(_key(state.rng, _BATCHES, epoch, jax.process_index())))
         ids = data.m_per_class_batches(
             self.labels, self.local_images, int(self.config.train.samples_per_class),
             seed=np.random.default_rng(seed.tolist()), num_batches=self.steps_per_epoch)
-        return _EpochPlan(ids, np.ones(ids.shape, bool),
+        return _EpochPlan(ids, np.ones(ids.shape, bool), np.zeros(ids.shape, bool),
                           {"mining": False, "kappa": None, "mined_fraction": 0.0,
                            "mined_fraction_target": 0.0,
-                           "seconds": {"embed": 0.0, "index": 0.0, "mine": 0.0}})
+                           "seconds": {"embed": 0.0, "index": 0.0, "mine": 0.0}},
+                          jax.device_get(state.controller))
 
     def plan_epoch(self, state: TrainState, epoch: int) -> _EpochPlan:
         """The epoch's batches, a pure function of (state at the epoch's start, epoch)."""
@@ -714,10 +779,11 @@ class _Trainer:
             if path != keep:
                 shutil.rmtree(path, ignore_errors=True)
 
-    def evaluate(self, state: TrainState) -> dict[str, float]:
-        """metrics.evaluate on the test classes (Recall@K, NMI, MAP@R, R-precision)."""
-        embeddings, labels, _ = self.embed_split(state, self.test,
-                                                 self.workdir / "embeddings" / "test")
+    def evaluate(self, state: TrainState, split: str = "test") -> dict[str, float]:
+        """metrics.evaluate on the test (or "val": validation) classes (Recall@K, NMI, MAP@R,
+        R-precision)."""
+        embeddings, labels, _ = self.embed_split(state, getattr(self, split),
+                                                 self.workdir / "embeddings" / split)
         results = metrics.evaluate(embeddings, labels, seed=int(self.config.seed))
         return {name: float(value) for name, value in results.items()}
 
@@ -731,9 +797,11 @@ class _Checkpoints:
 
     meta: {"epoch": epoch of the checkpoint, "position": steps done in that epoch (None at an
     epoch boundary), "epoch_start_step": checkpoint step of the epoch's start (None: the
-    initial state), "batch_losses", "batch_errors": per-step values so far, "train_seconds":
-    seconds spent training those steps (so a resumed epoch reports its whole train time;
-    absent when this process did not time them all, see _EpochTrainTime)}.
+    initial state), "batch_losses", "batch_errors", "batch_mined", "batch_mined_violations":
+    per-step values so far (mid-epoch only, `_STEP_METRICS`), "train_seconds": seconds spent
+    training those steps (so a resumed epoch reports its whole train time; absent when this
+    process did not time them all, see _EpochTrainTime), "best_val": the best epoch by
+    validation R@1 so far (`_BestByValidation`)}.
     """
 
     def __init__(self, directory: Path, keep: int):
@@ -770,6 +838,67 @@ class _Checkpoints:
         self.manager.close()
 
 
+class _BestByValidation:
+    """The best epoch by validation R@1 so far, and its state in workdir/checkpoints_best.
+
+    The regular checkpoints' meta carries {"best_val": {"epoch", "step", "recall@1"}}, so a
+    resumed run knows the best so far; the best state is saved (orbax, meta: epoch, val and
+    test metrics) right after the regular checkpoint of its epoch, and the previous best is
+    deleted only once the new one is written. On resume a best state saved after the restored
+    checkpoint (its epoch is trained again) is dropped, and a best of the restored epoch whose
+    save did not land is written from the restored state.
+    """
+
+    METRIC = "recall@1"
+
+    def __init__(self, directory: Path):
+        self.directory = directory
+        self._checkpoints: _Checkpoints | None = None
+        self.epoch = self.step = None
+        self.value = -math.inf
+
+    @property
+    def checkpoints(self) -> _Checkpoints:
+        if self._checkpoints is None:  # created on first use: runs without a validation split
+            self._checkpoints = _Checkpoints(self.directory, keep=2)  # never make the folder
+        return self._checkpoints
+
+    def resume(self, state: TrainState, meta: dict) -> None:
+        """The best so far from a restored checkpoint's meta (none for a fresh run)."""
+        saved = meta.get("best_val") or {}
+        self.epoch, self.step = saved.get("epoch"), saved.get("step")
+        self.value = float(saved.get(self.METRIC, -math.inf))
+        if self.directory.exists():  # drop a best saved after the restored checkpoint
+            for step in self.checkpoints.manager.all_steps():
+                if step != self.step:
+                    self.checkpoints.delete(step)
+        if self.step is not None and self.step == int(state.step) and (
+                self.checkpoints.latest() is None):
+            self.checkpoints.save(state, {"epoch": self.epoch, "val": {self.METRIC: self.value}})
+
+    def observe(self, epoch: int, step: int, val_metrics: dict) -> None:
+        value = float(val_metrics[self.METRIC])
+        if value > self.value:
+            self.epoch, self.step, self.value = epoch, step, value
+
+    def meta(self) -> dict:
+        if self.epoch is None:
+            return {}
+        return {"best_val": {"epoch": self.epoch, "step": self.step, self.METRIC: self.value}}
+
+    def save(self, state: TrainState, record: dict) -> None:
+        self.checkpoints.save(state, {"epoch": record["epoch"], "val": record["val"],
+                                      "test": record["test"]})
+        self.checkpoints.manager.wait_until_finished()
+        for step in self.checkpoints.manager.all_steps():
+            if step != int(state.step):
+                self.checkpoints.delete(step)
+
+    def close(self) -> None:
+        if self._checkpoints is not None:
+            self._checkpoints.close()
+
+
 def _abstract(state: TrainState) -> TrainState:
     return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
                         state)
@@ -793,7 +922,8 @@ def _run_steps(trainer: _Trainer, state: TrainState, plan: _EpochPlan, start: in
             ids = plan.ids[position]
             batch_labels = labels[ids[:, 0] if ids.ndim == 2 else ids]
             state, values = trainer.train_step(state, batch, trainer.put(batch_labels),
-                                               trainer.put(plan.mask[position]))
+                                               trainer.put(plan.mask[position]),
+                                               trainer.put(plan.mined[position]))
             step_metrics.append(values)
             progress.update()
             if not progress.disable and (position % 10 == 0
@@ -825,16 +955,24 @@ def train_and_evaluate(config, workdir) -> dict[str, float]:
     workdir.mkdir(parents=True, exist_ok=True)
     trainer = _Trainer(config, workdir)
     checkpoints = _Checkpoints(workdir / "checkpoints", int(config.train.checkpoints_to_keep))
+    best = _BestByValidation(workdir / "checkpoints_best")
     writer = logs.create_metric_writer(workdir)
     try:
-        return _train(trainer, checkpoints, writer, tqdm)
+        return _train(trainer, checkpoints, best, writer, tqdm)
     finally:
         checkpoints.close()
+        best.close()
         writer.flush()
         writer.close()
 
 
-def _train(trainer: _Trainer, checkpoints: _Checkpoints, writer, tqdm) -> dict[str, float]:
+# Per-step values a mid-epoch checkpoint carries (train step metric -> meta field).
+_STEP_METRICS = {"loss": "batch_losses", "training_error": "batch_errors",
+                 "num_mined": "batch_mined", "mined_violations": "batch_mined_violations"}
+
+
+def _train(trainer: _Trainer, checkpoints: _Checkpoints, best: _BestByValidation, writer,
+           tqdm) -> dict[str, float]:
     config, workdir = trainer.config, trainer.workdir
     latest = checkpoints.latest()
     logs.prepare_workdir(workdir, config, resuming=latest is not None,
@@ -852,6 +990,7 @@ def _train(trainer: _Trainer, checkpoints: _Checkpoints, writer, tqdm) -> dict[s
     elif mid_epoch_step is not None:
         epoch_start_state = trainer.initial_state
     trainer.log.truncate(int(state.epoch))
+    best.resume(state, meta)
     if latest is None:
         writer.write_hparams({name: str(value) for name, value in
                               logs.flatten(logs.as_json(config.to_dict())).items()})
@@ -869,8 +1008,8 @@ def _train(trainer: _Trainer, checkpoints: _Checkpoints, writer, tqdm) -> dict[s
             plan = trainer.plan_epoch(epoch_start_state, epoch)
             resuming = mid_epoch_step is not None
             start = int(meta["position"]) if resuming else 0
-            batch_losses = list(meta["batch_losses"]) if resuming else []
-            batch_errors = list(meta["batch_errors"]) if resuming else []
+            per_step = {name: list(meta.get(name, [])) if resuming else []
+                        for name in _STEP_METRICS.values()}
             time_before = _EpochTrainTime.resumed_from(meta if resuming else None, start)
             train_started = time.perf_counter()
             with tqdm(total=trainer.steps_per_epoch, initial=start, desc=f"epoch {epoch}",
@@ -878,28 +1017,34 @@ def _train(trainer: _Trainer, checkpoints: _Checkpoints, writer, tqdm) -> dict[s
                 state, step_metrics, stopped = _run_steps(trainer, state, plan, start, guard,
                                                           progress)
             values = jax.device_get(step_metrics)
-            batch_losses += [float(value["loss"]) for value in values]
-            batch_errors += [float(value["training_error"]) for value in values]
+            for metric, name in _STEP_METRICS.items():
+                per_step[name] += [float(value[metric]) for value in values]
             train_time = time_before.plus(len(values), time.perf_counter() - train_started)
             position = train_time.position
             if stopped:
                 checkpoints.save(state, {
                     "epoch": epoch, "position": position, "epoch_start_step": epoch_start_step,
-                    "batch_losses": batch_losses, "batch_errors": batch_errors,
-                    **train_time.checkpoint_meta()})
+                    **per_step, **train_time.checkpoint_meta(), **best.meta()})
                 if mid_epoch_step is not None:  # keep one mid-epoch checkpoint at most
                     checkpoints.delete(mid_epoch_step)
                 raise Preempted(f"SIGTERM: saved step {int(state.step)} (epoch {epoch}, step "
                                 f"{position} of {trainer.steps_per_epoch}); rerun the same "
                                 "command to resume")
-            training_error = float(np.mean(batch_errors))
+            training_error = float(np.mean(per_step["batch_errors"]))
+            num_mined = float(np.sum(per_step["batch_mined"]))
+            mined_error = (float(np.sum(per_step["batch_mined_violations"])) / num_mined
+                           if num_mined else None)
             state = trainer.own_buffers(state.replace(
                 epoch=state.epoch + 1,
-                controller=controller.update(state.controller, training_error)))
+                controller=controller.update(plan.controller, training_error, mined_error)))
             record = {
-                "epoch": epoch, "step": int(state.step), "loss": float(np.mean(batch_losses)),
-                "training_error": training_error,
-                "kappa_next": float(state.controller.kappa),
+                "epoch": epoch, "step": int(state.step),
+                "loss": float(np.mean(per_step["batch_losses"])),
+                "training_error": training_error, "training_error_mined": mined_error,
+                "controller_error": (mined_error if plan.controller.config.error_on == "mined"
+                                     else training_error),
+                # NaN before an "auto" κ₀ is calibrated: logged as None (JSON has no NaN).
+                "kappa_next": _finite_or_none(float(state.controller.kappa)),
                 "learning_rate": float(trainer.schedule(int(state.step) - 1)),
                 **{name: value for name, value in plan.record.items() if name != "seconds"},
                 "seconds": {**plan.record["seconds"], "train": train_time.seconds, "eval": 0.0},
@@ -907,11 +1052,16 @@ def _train(trainer: _Trainer, checkpoints: _Checkpoints, writer, tqdm) -> dict[s
             }
             if resuming:  # the epoch ran in two processes; its times add both parts
                 record["resumed_at_position"] = start
-            if epoch % int(config.train.eval_every) == 0 or epoch == epochs:
+            evaluated = epoch % int(config.train.eval_every) == 0 or epoch == epochs
+            if evaluated:
                 eval_started = time.perf_counter()
                 final = trainer.evaluate(state)
-                record["seconds"]["eval"] = time.perf_counter() - eval_started
                 record["test"] = final
+                if trainer.val is not None:
+                    record["val"] = trainer.evaluate(state, "val")
+                    best.observe(epoch, int(state.step), record["val"])
+                    record["best_val"] = best.meta().get("best_val")
+                record["seconds"]["eval"] = time.perf_counter() - eval_started
             record["seconds"]["epoch"] = time_before.seconds + time.perf_counter() - epoch_started
             trainer.log.append(record)
             writer.write_scalars(epoch, {
@@ -919,8 +1069,9 @@ def _train(trainer: _Trainer, checkpoints: _Checkpoints, writer, tqdm) -> dict[s
                 if isinstance(value, (int, float)) and not isinstance(value, bool)})
             writer.flush()
             checkpoints.save(state, {"epoch": epoch, "position": None,
-                                     "epoch_start_step": epoch_start_step,
-                                     "batch_losses": [], "batch_errors": []})
+                                     "epoch_start_step": epoch_start_step, **best.meta()})
+            if evaluated and best.epoch == epoch:
+                best.save(state, record)
             if mid_epoch_step is not None:
                 checkpoints.delete(mid_epoch_step)  # superseded by the epoch's end
                 mid_epoch_step = None
@@ -930,4 +1081,7 @@ def _train(trainer: _Trainer, checkpoints: _Checkpoints, writer, tqdm) -> dict[s
                                 "resume")
     if final is None:  # nothing left to train: evaluate the restored state
         final = trainer.evaluate(state)
+    if best.epoch is not None:
+        logger.info("best epoch by validation R@1: %d (%.4f); its state: %s", best.epoch,
+                    best.value, trainer.workdir / "checkpoints_best")
     return final

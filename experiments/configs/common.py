@@ -45,10 +45,10 @@ def base_config() -> ml_collections.ConfigDict:
     config.train = ml_collections.ConfigDict({
         "epochs": 20,               # SPEC §4: <= 20 epochs
         "batch_size": 128,          # triplets per batch (SPEC §4 choice)
-        "triplets_per_anchor": 1,   # slots per anchor per epoch (SPEC §2.4 choice)
+        "triplets_per_anchor": 1,   # slots T per anchor (SPEC §2.4 choice); T > 1 mines a
+                                    # random 1/T of the anchors each epoch (N triplets always)
         "inbatch_images": 0,        # images per m-per-class batch; 0 = 3 × batch_size (an
-                                    # epoch shows every variant 3 × N × triplets_per_anchor
-                                    # images)
+                                    # epoch shows every variant 3 × N images)
         "samples_per_class": 4,     # m of the m-per-class batches (in-batch baselines)
         "embed_batch_size": 256,    # images per batch of the embedding / evaluation pass
         "eval_every": 5,            # epochs between test evaluations (and at the end)
@@ -79,9 +79,13 @@ def base_config() -> ml_collections.ConfigDict:
         "distance_cutoff": 0.5,     # distance-weighted sampling (Wu et al.)
         "nonzero_loss_cutoff": 1.4,
     })
-    # SPEC §3: the controller's fields (policy, target 0.5, window 3, κ₀ 16, clip [1, 64], ...).
-    config.controller = ml_collections.ConfigDict(
-        dataclasses.asdict(controller.ControllerConfig()))
+    # SPEC §3: the controller's fields (policy, target, signal, window 3, κ₀, clip [1, 64], ...).
+    # κ₀ is a number or "auto", κ_random a number or None: untyped fields, so that
+    # --config.controller.kappa_init=auto / =16 and --config.controller.kappa_random=None parse.
+    fields = dataclasses.asdict(controller.ControllerConfig())
+    for name in ("kappa_init", "kappa_random"):
+        fields[name] = ml_collections.FieldReference(fields[name], field_type=object)
+    config.controller = ml_collections.ConfigDict(fields)
     config.controller.max_step_factor = ml_collections.config_dict.placeholder(float)
     return config
 
@@ -97,6 +101,16 @@ def use_model_inputs(config: ml_collections.ConfigDict) -> None:
 
 def smart(config):
     """Smart Mining: index mining + global loss + adaptive controller (the default)."""
+
+
+def smart_v1(config):
+    """Smart Mining as the first SPEC had it (before the validation study): error over all
+    triplets, target 0.5, κ₀ = 16, random-only epochs in the fit as κ = 64 points, mined share
+    0.5, one triplet per anchor, k = 2 × the largest class."""
+    config.controller.update(error_on="all", target_error=0.5, kappa_init=16.0,
+                             kappa_random=64.0, max_step_factor=None)
+    config.mining.update(mined_fraction=0.5, k=0)
+    config.train.triplets_per_anchor = 1
 
 
 def smart_manual(config):
@@ -156,7 +170,7 @@ def npairs(config):
 
 VARIANTS: dict[str, Callable] = {
     function.__name__: function for function in (
-        smart, smart_manual, index_no_global, random_global, semihard, batch_hard,
+        smart, smart_v1, smart_manual, index_no_global, random_global, semihard, batch_hard,
         distance_weighted, lifted, npairs)
 }
 

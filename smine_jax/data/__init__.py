@@ -29,6 +29,13 @@ The `config.data` section (an `ml_collections.ConfigDict`; `default_config()` gi
     split_dirs      class folders only: (train_subfolder, test_subfolder); () = cut the sorted
                     class list at `train_fraction` (first classes train).
     train_fraction  see split_dirs (default 0.5, as CUB and Cars split their classes in half).
+    val_classes     training classes held out as the validation split (the paper's held-out
+                    set, for model selection and every tuned choice; never trained on): a share
+                    in [0, 1) (⌊share × classes⌋; none when that is below 2) or a count >= 2;
+                    0 = none. Default 0.1: 96 of Omniglot's 964, 10 of CUB's 100, 9 of Cars'
+                    98 training classes. Official counts still refer to the whole training split.
+    val_seed        which classes are held out: a uniform draw seeded by it (default 0, the
+                    same classes for every training seed).
     download_url    base URL of the Omniglot archives (tests point it at a local server).
     num_workers     decoding threads for the cache build (0 = number of CPUs).
 """
@@ -77,7 +84,7 @@ __all__ = [
     "check_official_counts", "class_folders", "cub_folder", "default_config", "device_batch",
     "download_omniglot", "gather", "inference_batches", "load", "m_per_class_batches",
     "normalise", "omniglot_folder", "prefetch_batches", "preprocessors", "random_crop_flip",
-    "resolve_config", "tfds_dataset",
+    "resolve_config", "split_validation", "tfds_dataset", "validation_classes",
 ]
 
 logger = logging.getLogger(__name__)
@@ -86,8 +93,9 @@ DEFAULTS = {
     "name": "cub", "source": "", "dir": "", "strict_counts": True, "image_size": 256,
     "crop_size": 227, "channels": 3, "flip": True, "cache_dir": "", "mean": IMAGENET_MEAN,
     "std": IMAGENET_STD, "split_dirs": (), "train_fraction": 0.5,
-    "download_url": sources.OMNIGLOT_URL, "num_workers": 0,
+    "download_url": sources.OMNIGLOT_URL, "num_workers": 0, "val_classes": 0.1, "val_seed": 0,
 }
+SPLITS = ("train", "val", "test")
 _ALIASES = {"cub200": "cub", "caltech_birds2011": "cub", "cars": "cars196"}
 _NAMES = ("cub", "cars196", "omniglot", "folder")
 
@@ -139,6 +147,16 @@ def resolve_config(config_data) -> dict:
             raise ValueError(f"data.{field}: expected 1 or {cfg['channels']} values (one per "
                              f"channel), got {len(values)}")
         cfg[field] = values
+    value = cfg["val_classes"]
+    if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)) \
+            or not np.isfinite(value) or value < 0 or (value >= 1 and int(value) != value) \
+            or value == 1:
+        raise ValueError(f"data.val_classes: expected a share in [0, 1) or a count >= 2 of "
+                         f"training classes, got {value!r}")
+    cfg["val_classes"] = float(value) if value < 1 else int(value)
+    if isinstance(cfg["val_seed"], bool) or int(cfg["val_seed"]) != cfg["val_seed"]:
+        raise ValueError(f"data.val_seed: expected an integer, got {cfg['val_seed']!r}")
+    cfg["val_seed"] = int(cfg["val_seed"])
     if min(cfg["std"]) <= 0:
         raise ValueError(f"data.std: expected positive values, got {cfg['std']}")
     cfg["split_dirs"] = tuple(cfg["split_dirs"] or ())
@@ -217,18 +235,52 @@ class ImageSplit:
         return len(self.dataset)
 
 
-def load(config_data, *, split: str, dataset: Dataset | None = None,
-         progress: bool = True) -> ImageSplit:
-    """The `split` ("train" or "test") of the configured dataset with its image cache.
+def validation_classes(num_classes: int, val_classes, *, seed: int = 0) -> np.ndarray:
+    """The labels (sorted) of the training classes held out for validation.
 
-    Pass `dataset` (from `build_dataset`) to load both splits without listing the data twice.
-    The cache is built on first use (decoded once, in parallel) and reused afterwards.
+    `val_classes`: a share in [0, 1) (⌊share × num_classes⌋ classes, none when that is below
+    2) or a count >= 2; 0 = none. The classes are a uniform draw seeded by `seed`. ValueError
+    naming data.val_classes when fewer than 2 training classes would remain.
+    """
+    count = (int(np.floor(val_classes * num_classes)) if val_classes < 1 else int(val_classes))
+    if val_classes < 1 and count < 2:
+        return np.zeros(0, np.int32)
+    if count > num_classes - 2:
+        raise ValueError(f"data.val_classes={val_classes!r}: holds out {count} of the "
+                         f"{num_classes} training classes; at least 2 must remain to train on")
+    rng = np.random.default_rng(seed)
+    return np.sort(rng.choice(num_classes, size=count, replace=False)).astype(np.int32)
+
+
+def split_validation(train: Dataset, val_classes, *, seed: int = 0) -> tuple[Dataset, Dataset]:
+    """(train minus the validation classes, the validation classes) of a training record, each
+    with labels re-indexed 0-based (`validation_classes` picks them). The validation record is
+    empty when no class is held out."""
+    held_out = np.isin(train.labels, validation_classes(train.num_classes, val_classes,
+                                                        seed=seed))
+    return (train.select(np.flatnonzero(~held_out), split="train"),
+            train.select(np.flatnonzero(held_out), split="val"))
+
+
+def load(config_data, *, split: str, dataset: Dataset | None = None,
+         progress: bool = True) -> ImageSplit | None:
+    """The `split` ("train", "val" or "test") of the configured dataset with its image cache.
+
+    "train" leaves out the validation classes (`data.val_classes`), "val" is those classes
+    (None when `data.val_classes` holds none out). Pass `dataset` (from `build_dataset`) to
+    load several splits without listing the data twice. The cache is built on first use
+    (decoded once, in parallel) and reused afterwards.
     """
     cfg = resolve_config(config_data)
-    if split not in ("train", "test"):
-        raise ValueError(f"split: expected 'train' or 'test', got {split!r}")
+    if split not in SPLITS:
+        raise ValueError(f"split: expected one of {SPLITS}, got {split!r}")
     full = dataset if dataset is not None else build_dataset(config_data, progress=progress)
-    part = full.subset(split)
+    part = full.subset("test" if split == "test" else "train")
+    if split != "test" and cfg["val_classes"]:
+        train, val = split_validation(part, cfg["val_classes"], seed=cfg["val_seed"])
+        part = train if split == "train" else val
+    if split == "val" and not (cfg["val_classes"] and len(part)):
+        return None
     images = cached_images(part, cfg["cache_dir"], image_size=cfg["image_size"],
                            channels=cfg["channels"], num_workers=cfg["num_workers"] or None,
                            progress=progress)
