@@ -41,7 +41,7 @@ import shlex
 import signal
 import subprocess
 import sys
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -74,8 +74,18 @@ FRACTION = 0.95
 PARTIAL_EPOCH = 0.99
 # The controller's target training error and dead band (SPEC §3; controller.target_error,
 # controller.tolerance): "settled" = the training error stays within target ± tolerance.
+# (Records carry their own `controller_target`; this is the fallback of older records.)
 TARGET_ERROR = float(omniglot.get_config().controller.target_error)
 SETTLE_TOLERANCE = float(omniglot.get_config().controller.tolerance)
+KAPPA_BOUNDS = (float(omniglot.get_config().controller.kappa_min),
+                float(omniglot.get_config().controller.kappa_max))
+# The frozen report of the first SPEC's runs (all 964 training classes, no validation split).
+RESULTS_V1 = REPO / "benchmarks" / "RESULTS_v1.md"
+# Issue 16's targets: smart beats random_global by this many R@1 points; reaches FRACTION of
+# its best within this many epochs; its controller settles from this epoch on.
+TARGET_MARGIN = 0.03
+TARGET_EPOCHS = 5
+SETTLE_FROM = 5
 MISSING = "—"
 FIGURES = {"r1_epoch": "results_r1_vs_epoch.png", "r1_seconds": "results_r1_vs_seconds.png",
            "controller": "results_kappa_error.png", "triplets": "results_triplets.png"}
@@ -232,11 +242,12 @@ class _ChildSignals:
         return False
 
 
-def run_all(jobs: Sequence[tuple[str, int]], *, runs_dir: Path, epochs: int, data_dir: Path,
-            smoke: bool, overrides: Sequence[str]) -> tuple[list[str], bool]:
-    """Runs every unfinished (name, seed) in order; returns (the failed ones as text, whether
-    SIGTERM stopped the loop). Each launch appends this machine's description to the
-    workdir's machine.jsonl."""
+def run_all(jobs: Sequence[tuple[str, int]], *, runs_dir: Path, epochs: int,
+            command_for: Callable[[str, int, Path], list[str]]) -> tuple[list[str], bool]:
+    """Runs every unfinished (name, seed) in order, each as `command_for(name, seed, workdir)`
+    (the workdir is RUNS/name/seedS; finished: the test metrics of epoch `epochs`); returns
+    (the failed ones as text, whether SIGTERM stopped the loop). Each launch appends this
+    machine's description to the workdir's machine.jsonl."""
     failures, machine = [], None
     with _ChildSignals() as signals:
         for number, (name, seed) in enumerate(jobs, 1):
@@ -248,8 +259,7 @@ def run_all(jobs: Sequence[tuple[str, int]], *, runs_dir: Path, epochs: int, dat
                 continue
             if signals.stopping:
                 break
-            command = run_command(name, seed, workdir=workdir, epochs=epochs,
-                                  data_dir=data_dir, smoke=smoke, overrides=overrides)
+            command = command_for(name, seed, workdir)
             done = max((r.get("epoch", 0) for r in records), default=0)
             print(f"{label}: {'resuming after epoch ' + str(done) if done else 'starting'} "
                   f"(log: {workdir / 'run.log'})", flush=True)
@@ -347,18 +357,49 @@ def epochs_to_reach(epochs: Sequence[int], values: Sequence[float],
     return None
 
 
-def settled_epoch(records: Sequence[Mapping], target: float,
+def controller_signal(record: Mapping, target: float = TARGET_ERROR) -> tuple[float, float]:
+    """(the error the controller steered by, its target) of an epoch record: `controller_error`
+    and `controller_target` (NaN: nothing mined), or the training error and `target` for
+    records of older runs."""
+    if "controller_error" in record:
+        value = record["controller_error"]
+        return (math.nan if value is None else float(value)), float(record["controller_target"])
+    return float(record["training_error"]), target
+
+
+def settled_epoch(records: Sequence[Mapping], target: float = TARGET_ERROR,
                   tolerance: float = SETTLE_TOLERANCE) -> int | None:
-    """The first mining epoch from which the training error stays within target ± tolerance
-    (the controller's convergence, paper Figs. 3–4); None if it never settles."""
+    """The first mining epoch from which the controller's signal stays within its target ±
+    tolerance (the controller's convergence, paper Figs. 3–4); None if it never settles."""
     mining = [r for r in sorted(records, key=lambda r: r["epoch"]) if r.get("mining")]
     settled = None
     for record in mining:
-        if abs(float(record["training_error"]) - target) <= tolerance:
+        error, goal = controller_signal(record, target)
+        if abs(error - goal) <= tolerance:
             settled = settled if settled is not None else int(record["epoch"])
         else:
             settled = None
     return settled
+
+
+def kappa_off_bounds(records: Sequence[Mapping], from_epoch: int,
+                     bounds: tuple[float, float] = KAPPA_BOUNDS) -> bool | None:
+    """Whether every mining epoch from `from_epoch` on used a κ strictly inside the clip
+    bounds (None: no such epoch)."""
+    kappas = [r["kappa"] for r in records if r.get("mining") and r["epoch"] >= from_epoch]
+    if not kappas:
+        return None
+    return all(bounds[0] < kappa < bounds[1] for kappa in kappas)
+
+
+def best_val_test(records: Sequence[Mapping], key: str = "recall@1") -> dict:
+    """The test metrics of the epoch with the best validation R@1 (the first of equals; {}
+    without validation metrics): model selection on held-out training classes."""
+    scored = [r for r in records if "val" in r and "test" in r]
+    if not scored:
+        return {}
+    best = max(scored, key=lambda r: (r["val"][key], -r["epoch"]))
+    return {**best["test"], "epoch": best["epoch"], "val": best["val"]}
 
 
 def time_split(seed_records: Sequence[Sequence[Mapping]]) -> dict[str, float]:
@@ -385,10 +426,16 @@ def time_split(seed_records: Sequence[Sequence[Mapping]]) -> dict[str, float]:
     return split
 
 
+SIGNIFICANCE = 0.05  # two-sided Welch t-test level of the claim verdicts
+
+
 def compare(a: Sequence[float], b: Sequence[float]) -> tuple[float, float | None, str]:
-    """(mean(a) - mean(b), its standard error, verdict): "held" when the difference exceeds
-    2 standard errors, "reversed" below -2, else "inconclusive"; "single seed" without a
-    spread, "missing" without values."""
+    """(mean(a) - mean(b), the two-sided p-value of Welch's t-test (scipy), verdict): "held"
+    when p < SIGNIFICANCE and the difference is positive, "reversed" when p < SIGNIFICANCE and
+    it is negative, else "inconclusive"; "single seed" without a spread on both sides,
+    "missing" without values. NaN values are left out."""
+    from scipy import stats
+
     mean_a, std_a, n_a = mean_std(a)
     mean_b, std_b, n_b = mean_std(b)
     if not n_a or not n_b:
@@ -396,12 +443,14 @@ def compare(a: Sequence[float], b: Sequence[float]) -> tuple[float, float | None
     difference = mean_a - mean_b
     if n_a < 2 or n_b < 2:
         return difference, None, "single seed"
-    error = math.sqrt(std_a ** 2 / n_a + std_b ** 2 / n_b)
-    if difference > 2 * error:
-        return difference, error, "held"
-    if difference < -2 * error:
-        return difference, error, "reversed"
-    return difference, error, "inconclusive"
+    if std_a == 0 and std_b == 0:  # no spread: any difference is exact
+        p_value = 1.0 if difference == 0 else 0.0
+    else:
+        clean = [[v for v in values if v is not None and np.isfinite(v)] for values in (a, b)]
+        p_value = float(stats.ttest_ind(*clean, equal_var=False).pvalue)
+    if p_value < SIGNIFICANCE:
+        return difference, p_value, "held" if difference > 0 else "reversed"
+    return difference, p_value, "inconclusive"
 
 
 # ----------------------------------------------------------------------------------------------
@@ -421,6 +470,16 @@ def _table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:
 
 def _finals(finished: Mapping, name: str, key: str) -> list[float]:
     return [final_test(records).get(key, math.nan)
+            for records in finished.get(name, {}).values()]
+
+
+def _final_val(finished: Mapping, name: str, key: str = "recall@1") -> list[float]:
+    return [next((r["val"][key] for r in reversed(records) if "val" in r), math.nan)
+            for records in finished.get(name, {}).values()]
+
+
+def _at_best_val(finished: Mapping, name: str, key: str = "recall@1") -> list[float]:
+    return [best_val_test(records).get(key, math.nan)
             for records in finished.get(name, {}).values()]
 
 
@@ -526,9 +585,16 @@ def results_markdown(runs: Mapping[str, Mapping[int, list]], *, variants: Sequen
     for name in names:
         count = len(finished.get(name, {}))
         rows.append([f"`{name}`", str(count),
-                     *(format_mean_std(_finals(finished, name, key)) for key, _ in METRICS)])
+                     *(format_mean_std(_finals(finished, name, key)) for key, _ in METRICS),
+                     format_mean_std(_final_val(finished, name)),
+                     format_mean_std(_at_best_val(finished, name))])
     lines += ["", f"## Test metrics after {epochs} epochs (%, mean ± std over finished seeds)",
-              "", *_table(["method", "n", *(label for _, label in METRICS)], rows)]
+              "", "The test classes are never used to choose anything. Last two columns: R@1 "
+              "on the validation classes (training classes held out, `data.val_classes`) "
+              "after the last epoch, and the test R@1 of the epoch with the best validation "
+              "R@1 (model selection by validation).", "",
+              *_table(["method", "n", *(label for _, label in METRICS), "val R@1",
+                       "R@1 at best val"], rows)]
     unfinished = _progress_lines(runs, epochs)
     if unfinished:
         lines += ["", "Unfinished runs (not in the tables):", "", *unfinished]
@@ -561,9 +627,9 @@ def results_markdown(runs: Mapping[str, Mapping[int, list]], *, variants: Sequen
               f"evaluation left out) until R@1 first reaches {FRACTION:.0%} of the method's own "
               f"best and of the best of `{REFERENCE}` "
               f"({_cell(100 * reference_best, '{:.1f} %')}); \"—\": not reached or no "
-              f"reference. Last column: per seed, the first mining epoch from which the training "
-              f"error stays within {target_error} ± {SETTLE_TOLERANCE} (the controller's target; "
-              "the paper's Figs. 3–4).", "",
+              f"reference. Last column: per seed, the first mining epoch from which the "
+              f"controller's signal (`controller.error_on`) stays within its target ± "
+              f"{SETTLE_TOLERANCE} (the paper's Figs. 3–4).", "",
               *_table(["method", "best R@1", f"epochs to {FRACTION:.0%} own best",
                        f"epochs to {FRACTION:.0%} of {REFERENCE}",
                        f"seconds to {FRACTION:.0%} of {REFERENCE}", "error settled from epoch"],
@@ -603,6 +669,8 @@ def results_markdown(runs: Mapping[str, Mapping[int, list]], *, variants: Sequen
                           "evaluation, inside `train`).")
 
     lines += ["", *claims_markdown(finished, epochs, target_error)]
+    lines += ["", *targets_markdown(finished)]
+    lines += ["", *v1_markdown()]
     if figures:
         lines += ["", "## Figures", ""]
         for caption, path in figures.items():
@@ -619,14 +687,14 @@ def claims_markdown(finished: Mapping[str, Mapping[int, list]], epochs: int,
         return _finals(finished, name, key)
 
     def line(text, a, b, key="recall@1"):
-        difference, error, verdict = compare(finals(a, key), finals(b, key))
-        spread = f" ± {100 * error:.1f}" if error is not None else ""
-        delta = f"{100 * difference:+.1f}{spread} points" if np.isfinite(difference) else "—"
+        difference, p_value, verdict = compare(finals(a, key), finals(b, key))
+        p_text = f" (Welch p = {p_value:.3g})" if p_value is not None else ""
+        delta = f"{100 * difference:+.1f} points{p_text}" if np.isfinite(difference) else "—"
         return f"{text}: {delta}: **{verdict}**"
 
     lines = ["## The paper's claims (SPEC §5), computed", "",
-             "Difference of the seed means (± its standard error); held / reversed: beyond 2 "
-             "standard errors.", "",
+             f"Difference of the seed means and the two-sided p-value of Welch's t-test "
+             f"(scipy); held / reversed: p < {SIGNIFICANCE} in that direction.", "",
              "- " + line("Index mining beats semi-hard (R@1, `index_no_global` − `semihard`)",
                          "index_no_global", "semihard"),
              "- " + line("Smart Mining beats semi-hard (R@1, `smart` − `semihard`)", "smart",
@@ -654,6 +722,75 @@ def claims_markdown(finished: Mapping[str, Mapping[int, list]], epochs: int,
         lines.append("- Triplet selection costs < 1 % of an epoch: — (no finished `smart` run "
                      "with mining epochs)")
     return lines
+
+
+def targets_markdown(finished: Mapping[str, Mapping[int, list]]) -> list[str]:
+    """Issue 16's targets for the `smart` default against the finished runs."""
+    smart = finished.get("smart", {})
+    lines = ["## Targets of the validation study (issue 16), computed", ""]
+    plain, plain_p, _ = compare(_finals(finished, "smart", "recall@1"),
+                                _finals(finished, REFERENCE, "recall@1"))
+    if np.isfinite(plain):
+        met = "met" if plain >= TARGET_MARGIN else "missed"
+        lines.append(f"- `smart` ≥ `{REFERENCE}` + {100 * TARGET_MARGIN:.0f} R@1 points: "
+                     f"`smart` − `{REFERENCE}` = {100 * plain:+.1f} points"
+                     f"{f' (Welch p = {plain_p:.3g})' if plain_p is not None else ''}: "
+                     f"**{met}**")
+    else:
+        lines.append(f"- `smart` ≥ `{REFERENCE}` + {100 * TARGET_MARGIN:.0f} R@1 points: —")
+    epoch_axis, values = mean_curve(list(smart.values()))
+    own = epochs_to_reach(epoch_axis, values, FRACTION * values.max()) if values.size else None
+    per_seed = []
+    for records in smart.values():
+        seed_axis, seed_values = mean_curve([records])
+        per_seed.append(epochs_to_reach(seed_axis, seed_values, FRACTION * seed_values.max()))
+    verdict = MISSING if own is None else ("met" if own <= TARGET_EPOCHS else "missed")
+    lines.append(f"- `smart` reaches {FRACTION:.0%} of its best R@1 within {TARGET_EPOCHS} "
+                 f"epochs: mean curve {_cell(own)} (per seed "
+                 f"{', '.join(_cell(e) for e in per_seed) or MISSING}): **{verdict}**")
+    settles = [settled_epoch(records) for records in smart.values()]
+    inside = [kappa_off_bounds(records, SETTLE_FROM) for records in smart.values()]
+    settled_ok = bool(settles) and all(e is not None and e <= SETTLE_FROM for e in settles)
+    inside_ok = bool(inside) and all(inside)
+    verdict = MISSING if not settles else ("met" if settled_ok and inside_ok else "missed")
+    lines.append(f"- The controller settles (signal within its target ± {SETTLE_TOLERANCE} from "
+                 f"epoch {SETTLE_FROM} on, κ strictly inside {list(KAPPA_BOUNDS)} in every "
+                 f"seed): settled from epoch {', '.join(_cell(e) for e in settles) or MISSING}; "
+                 f"κ inside the bounds from epoch {SETTLE_FROM}: "
+                 f"{', '.join(_cell(v) for v in inside) or MISSING}: **{verdict}**")
+    for other, what in (("index_no_global", "the global loss"),
+                        ("smart_manual", "the controller")):
+        parts = []
+        for key, label in METRICS:
+            difference, p_value, _ = compare(_finals(finished, "smart", key),
+                                             _finals(finished, other, key))
+            parts.append(f"{label} {100 * difference:+.1f} (p = {p_value:.2g})"
+                         if np.isfinite(difference) and p_value is not None else f"{label} —")
+        lines.append(f"- `smart` − `{other}` ({what}): " + "; ".join(parts))
+    return lines
+
+
+def v1_markdown(path: Path = RESULTS_V1) -> list[str]:
+    """The test-metric table of the frozen SPEC-v1 report (all training classes), its rows
+    renamed `name (v1)`; nothing when the file is absent."""
+    if not path.is_file():
+        return []
+    text = path.read_text().splitlines()
+    start = next((i for i, line in enumerate(text) if line.startswith("## Test metrics")), None)
+    if start is None:
+        return []
+    table = []
+    for line in text[start + 1:]:
+        if line.startswith("|"):
+            table.append(line.replace("` |", " (v1)` |", 1) if line.startswith("| `") else line)
+        elif table:
+            break
+    return ["## SPEC v1 rows (all 964 training classes, no validation split)", "",
+            f"From the frozen report [{path.name}]({path.name}) (commit edcb82f, generated by "
+            "this script then): the first SPEC's defaults trained on every background class, so "
+            "these rows are not on the same training set as the tables above; `smart_v1` "
+            "above is the same method rerun on the reduced set. Test metrics after 20 epochs "
+            "(%, mean ± std over 3 seeds):", "", *table]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -714,24 +851,30 @@ def plot_recall_curves(finished: Mapping[str, Mapping[int, list]], names: Sequen
 
 def plot_controller(finished: Mapping[str, Mapping[int, list]], path: Path,
                     target_error: float = TARGET_ERROR,
-                    names: Sequence[str] = ("smart", "smart_manual")) -> None:
-    """κ used and training error per epoch, one line per seed (the paper's Figs. 3–4)."""
+                    names: Sequence[str] = ("smart", "smart_v1")) -> None:
+    """κ used and the controller's signal per epoch (`controller.error_on`: the error of all
+    triplets or of the mined ones), one line per seed, each variant's target dotted (the
+    paper's Figs. 3–4)."""
     plt = _pyplot()
     figure, (top, bottom) = plt.subplots(2, 1, figsize=(7, 6), sharex=True)
     for name in names:
+        targets = set()
         for number, (_, records) in enumerate(sorted(finished.get(name, {}).items())):
             epoch_axis = [r["epoch"] for r in records]
             kappa = [r["kappa"] if r.get("kappa") is not None else math.nan for r in records]
-            error = [r.get("training_error", math.nan) for r in records]
+            signal = [controller_signal(r, target_error) for r in records]
+            targets |= {goal for _, goal in signal}
             label = name if number == 0 else None
             style = {"color": _style(name)["color"], "marker": "o", "markersize": 3,
                      "alpha": 0.8}
             top.plot(epoch_axis, kappa, label=label, **style)
-            bottom.plot(epoch_axis, error, label=label, **style)
-    bottom.axhline(target_error, color="grey", linestyle=":", label="target error")
+            bottom.plot(epoch_axis, [error for error, _ in signal], label=label, **style)
+        for goal in sorted(targets):
+            bottom.axhline(goal, color=_style(name)["color"], linestyle=":", alpha=0.7,
+                           label=f"{name} target {goal}")
     top.set_ylabel("κ (mining epochs)")
     top.set_yscale("log", base=2)
-    bottom.set_ylabel("training error")
+    bottom.set_ylabel("controller's error signal")
     bottom.set_xlabel("epoch")
     from matplotlib import ticker
 
@@ -741,7 +884,7 @@ def plot_controller(finished: Mapping[str, Mapping[int, list]], path: Path,
         if axis.get_legend_handles_labels()[0]:
             axis.legend(fontsize=7)
     if not any(finished.get(name) for name in names):
-        top.text(0.5, 0.5, "no finished smart / smart_manual run", ha="center",
+        top.text(0.5, 0.5, f"no finished {' / '.join(names)} run", ha="center",
                  transform=top.transAxes)
     figure.tight_layout()
     figure.savefig(path, dpi=110)
@@ -782,9 +925,9 @@ def choose_triplets(triplets: Mapping[int, Mapping[str, np.ndarray]], num_anchor
                     seed: int = 0) -> list[tuple[int, np.ndarray, bool]]:
     """Two epochs of saved triplets ({epoch: npz arrays}) for the montage: the first epoch with
     mined triplets and the last (the first and the last when they coincide). Returns, per
-    epoch, (epoch, int [K, 3] rows (anchor, positive, negative), all shown rows mined) for K
-    anchors (a seeded draw) that have a triplet at both epochs, mined ones where the epoch has
-    mined triplets."""
+    epoch, (epoch, int [K, 3] rows (anchor, positive, negative), all shown rows mined): a
+    seeded uniform draw of K of that epoch's mined triplets (of all its triplets where none
+    was mined), so that the panel is a fair sample of what the epoch trained on."""
     epochs = sorted(triplets)
     if not epochs:
         return []
@@ -792,30 +935,21 @@ def choose_triplets(triplets: Mapping[int, Mapping[str, np.ndarray]], num_anchor
     chosen = sorted({mined_epochs[0] if mined_epochs else epochs[0], epochs[-1]})
     if len(chosen) == 1 and len(epochs) > 1:
         chosen = [epochs[0], epochs[-1]]
-
-    def rows_by_anchor(epoch, prefer_mined):
+    rng = np.random.default_rng(seed)
+    panels = []
+    for epoch in chosen:
         arrays = triplets[epoch]
         mined = np.asarray(arrays["mined"], bool)
-        keep = mined if prefer_mined and mined.any() else np.ones(len(mined), bool)
-        rows = np.stack([arrays["anchor"], arrays["positive"], arrays["negative"], mined],
-                        1)[keep]
-        return {int(row[0]): row for row in rows[::-1]}  # the first row of an anchor wins
-
-    for prefer_mined in (True, False):
-        tables = [rows_by_anchor(epoch, prefer_mined) for epoch in chosen]
-        common = sorted(set.intersection(*(set(table) for table in tables)))
-        if common:
-            break
-    if not common:
-        return []
-    rng = np.random.default_rng(seed)
-    anchors = sorted(rng.choice(common, min(num_anchors, len(common)), replace=False))
-    shown = [np.stack([table[a] for a in anchors]) for table in tables]
-    return [(epoch, rows[:, :3], bool(rows[:, 3].all()))
-            for epoch, rows in zip(chosen, shown, strict=True)]
+        pool = np.flatnonzero(mined) if mined.any() else np.arange(len(mined))
+        if not pool.size:
+            continue
+        rows = np.sort(rng.choice(pool, min(num_anchors, pool.size), replace=False))
+        shown = np.stack([arrays["anchor"], arrays["positive"], arrays["negative"]], 1)[rows]
+        panels.append((epoch, shown, bool(mined[rows].all())))
+    return panels
 
 
-def montage_panels(workdir: Path, num_anchors: int = 6) -> tuple[list, str]:
+def montage_panels(workdir: Path, num_anchors: int = 8) -> tuple[list, str]:
     """Loads a run's saved triplets and its training images (the run's config.json,
     `smine_jax.data`): the panels of `plot_triplet_montage` and a title."""
     import ml_collections
@@ -917,7 +1051,8 @@ def write_report(args, names: Sequence[str], seeds: Sequence[int],
     plot_triplet_montage(panels, folder / FIGURES["triplets"], title)
     figures = {"R@1 vs epoch": FIGURES["r1_epoch"],
                "R@1 vs training seconds": FIGURES["r1_seconds"],
-               "κ and training error per epoch, smart vs smart_manual": FIGURES["controller"],
+               "κ and the controller's error signal per epoch, smart vs smart_v1":
+                   FIGURES["controller"],
                "Mined triplets at two epochs (anchor, positive, negative)": FIGURES["triplets"]}
     text = results_markdown(
         {name: runs[name] for name in names}, variants=[n for n in names if n != PEER],
@@ -1003,8 +1138,11 @@ def main(argv=None) -> None:
         jobs = [(name, seed) for seed in args.seeds for name in names]
         _append_json(history, {"command": command,
                                "date": datetime.datetime.now().isoformat(timespec="seconds")})
-        failures, stopped = run_all(jobs, runs_dir=args.runs_dir, epochs=args.epochs,
-                                    data_dir=args.data_dir, smoke=args.smoke, overrides=args.set)
+        failures, stopped = run_all(
+            jobs, runs_dir=args.runs_dir, epochs=args.epochs,
+            command_for=lambda name, seed, workdir: run_command(
+                name, seed, workdir=workdir, epochs=args.epochs, data_dir=args.data_dir,
+                smoke=args.smoke, overrides=args.set))
     # The report covers every run in the cache, whichever invocation (or session) trained it.
     names, seeds = reported_runs(args.runs_dir, names, args.seeds)
     commands = distinct_commands(history, command)

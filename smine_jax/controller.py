@@ -419,10 +419,12 @@ _update_jit = jax.jit(_update_arrays)
 
 
 def needs_initial_kappa(state: ControllerState) -> bool:
-    """Whether the next epoch is the first mining epoch of ``kappa_init="auto"``: its κ₀ must
-    come from ``set_initial_kappa`` before it mines (host-side; the state must be concrete)."""
+    """Whether the next epoch is the first mining epoch of ``kappa_init="auto"`` and κ₀ is not
+    set yet: it must come from ``set_initial_kappa`` before the epoch mines (host-side; the
+    state must be concrete)."""
     return (state.config.kappa_init == AUTO
-            and int(state.epoch) == state.config.random_epochs)
+            and int(state.epoch) == state.config.random_epochs
+            and bool(np.isnan(np.asarray(state.kappa_start))))
 
 
 def set_initial_kappa(state: ControllerState, kappa) -> ControllerState:

@@ -844,9 +844,10 @@ class _BestByValidation:
     The regular checkpoints' meta carries {"best_val": {"epoch", "step", "recall@1"}}, so a
     resumed run knows the best so far; the best state is saved (orbax, meta: epoch, val and
     test metrics) right after the regular checkpoint of its epoch, and the previous best is
-    deleted only once the new one is written. On resume a best state saved after the restored
-    checkpoint (its epoch is trained again) is dropped, and a best of the restored epoch whose
-    save did not land is written from the restored state.
+    deleted (`drop_older`) only once both are on disk. On resume the best states other than the
+    restored meta's are dropped (one saved after the restored checkpoint: its epoch is trained
+    again), and a best of the restored epoch whose save did not land is written from the
+    restored state.
     """
 
     METRIC = "recall@1"
@@ -887,11 +888,16 @@ class _BestByValidation:
         return {"best_val": {"epoch": self.epoch, "step": self.step, self.METRIC: self.value}}
 
     def save(self, state: TrainState, record: dict) -> None:
+        """Saves the new best state; the previous one stays until `drop_older`."""
         self.checkpoints.save(state, {"epoch": record["epoch"], "val": record["val"],
                                       "test": record["test"]})
+
+    def drop_older(self) -> None:
+        """Deletes every best state but the current one, once it is on disk (call it once the
+        regular checkpoint whose meta names it is on disk too)."""
         self.checkpoints.manager.wait_until_finished()
         for step in self.checkpoints.manager.all_steps():
-            if step != int(state.step):
+            if step != self.step:
                 self.checkpoints.delete(step)
 
     def close(self) -> None:
@@ -1043,6 +1049,7 @@ def _train(trainer: _Trainer, checkpoints: _Checkpoints, best: _BestByValidation
                 "training_error": training_error, "training_error_mined": mined_error,
                 "controller_error": (mined_error if plan.controller.config.error_on == "mined"
                                      else training_error),
+                "controller_target": plan.controller.config.target_error,
                 # NaN before an "auto" κ₀ is calibrated: logged as None (JSON has no NaN).
                 "kappa_next": _finite_or_none(float(state.controller.kappa)),
                 "learning_rate": float(trainer.schedule(int(state.step) - 1)),
@@ -1072,6 +1079,8 @@ def _train(trainer: _Trainer, checkpoints: _Checkpoints, best: _BestByValidation
                                      "epoch_start_step": epoch_start_step, **best.meta()})
             if evaluated and best.epoch == epoch:
                 best.save(state, record)
+                checkpoints.manager.wait_until_finished()  # the meta naming it is on disk
+                best.drop_older()
             if mid_epoch_step is not None:
                 checkpoints.delete(mid_epoch_step)  # superseded by the epoch's end
                 mid_epoch_step = None

@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from scipy import stats
 from test_train import make_omniglot_folder
 
 REPO = Path(__file__).resolve().parents[1]
@@ -160,9 +161,13 @@ def test_compare_verdicts():
     assert cm.compare([0.5, 0.3, 0.7], [0.45, 0.5, 0.4])[2] == "inconclusive"
     assert cm.compare([0.5], [0.4])[2] == "single seed"
     assert cm.compare([], [0.4])[2] == "missing"
-    difference, error, _ = cm.compare([0.5, 0.7], [0.1, 0.3])
+    difference, p_value, _ = cm.compare([0.5, 0.7], [0.1, 0.3])
     assert difference == pytest.approx(0.4)
-    assert error == pytest.approx(math.sqrt(2 * np.var([0.5, 0.7], ddof=1) / 2))
+    # Welch's t-test: t = 0.4 / sqrt(0.02 / 2 + 0.02 / 2) = 2.83 on 2 degrees of freedom.
+    t = 0.4 / math.sqrt(2 * np.var([0.5, 0.7], ddof=1) / 2)
+    assert p_value == pytest.approx(2 * stats.t.sf(t, 2))
+    assert cm.compare([0.5, 0.5, float("nan")], [0.4, 0.4])[1:] == (0.0, "held")
+    assert cm.compare([0.5, 0.5], [0.5, 0.5])[1:] == (1.0, "inconclusive")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -274,7 +279,7 @@ def test_figures_from_synthetic_records(tmp_path):
         assert _is_png(tmp_path / f"{name}.png"), name
 
 
-def test_choose_triplets_prefers_mined_anchors_present_at_both_epochs():
+def test_choose_triplets_draws_each_epochs_mined_triplets_uniformly():
     def epoch(anchors, mined):
         anchors = np.asarray(anchors)
         return {"anchor": anchors, "positive": anchors + 100, "negative": anchors + 200,
@@ -284,22 +289,28 @@ def test_choose_triplets_prefers_mined_anchors_present_at_both_epochs():
                 5: epoch([3, 2, 1, 0], [0, 1, 1, 1])}
     chosen = cm.choose_triplets(triplets, num_anchors=5)
     assert [(e, mined) for e, _, mined in chosen] == [(3, True), (5, True)]
-    for _, rows, _ in chosen:  # anchors mined at both epochs: 0 and 1 (not 2 or 3)
-        np.testing.assert_array_equal(rows, [[0, 100, 200], [1, 101, 201]])
+    np.testing.assert_array_equal(chosen[0][1], [[0, 100, 200], [1, 101, 201]])
+    np.testing.assert_array_equal(chosen[1][1][:, 0], [2, 1, 0])  # every mined row, in order
     unmined = {1: epoch([0, 1], [0, 0]), 2: epoch([1, 5], [0, 0])}
     (first, rows_1, mined_1), (last, rows_2, _) = cm.choose_triplets(unmined, 3)
-    assert (first, last, mined_1) == (1, 2, False)
-    np.testing.assert_array_equal(rows_1[:, 0], [1])
+    assert (first, last, mined_1) == (1, 2, False) and rows_1.shape == (2, 3)
     # Mining only in the last epoch: the first epoch (random) against the last (mined).
     late = {1: epoch([0, 1, 2], [0, 0, 0]), 2: epoch([0, 1, 2], [0, 0, 0]),
             3: epoch([2, 0, 1], [1, 0, 1])}
     chosen = cm.choose_triplets(late, 5)
     assert [(e, mined) for e, _, mined in chosen] == [(1, False), (3, True)]
-    np.testing.assert_array_equal(chosen[1][1][:, 0], [1, 2])
-    # No common anchor among the mined rows: any rows.
-    disjoint = {1: epoch([0, 1], [1, 0]), 2: epoch([0, 1], [0, 1])}
-    assert [mined for _, _, mined in cm.choose_triplets(disjoint, 5)] == [False, False]
+    np.testing.assert_array_equal(chosen[1][1][:, 0], [2, 1])
     assert cm.choose_triplets({}, 3) == []
+    # A fair sample: over many draws every mined row is shown about equally often, never the
+    # unmined ones (the first rows of an epoch are not favoured).
+    many = {1: epoch(np.arange(100), np.arange(100) % 2 == 1)}
+    counts = np.zeros(100)
+    for seed in range(400):
+        for _, rows, _ in cm.choose_triplets(many, 5, seed=seed):
+            counts[rows[:, 0]] += 1
+    assert counts[::2].sum() == 0
+    expected = 400 * 5 / 50
+    assert np.all(np.abs(counts[1::2] - expected) < 5 * np.sqrt(expected))
 
 
 def test_run_commands():

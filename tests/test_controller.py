@@ -32,24 +32,51 @@ CONFIGS = {
     "w2_narrow": dataclasses.replace(DEFAULTS, window=2, random_epochs=1, kappa_min=2.0,
                                      kappa_max=20.0, kappa_init=10.0, degenerate_factor=3.0,
                                      tolerance=0.0, target_error=0.6),
+    # The options of the validation study: the mined triplets' error, no random-epoch points,
+    # κ₀ calibrated from the lists.
+    "mined_auto": dataclasses.replace(DEFAULTS, error_on="mined", kappa_init="auto",
+                                      kappa_random=None, target_error=0.6),
+    "all_no_random_points": dataclasses.replace(DEFAULTS, kappa_random=None,
+                                                max_step_factor=2.0),
+    "manual_auto": dataclasses.replace(DEFAULTS, policy="manual", kappa_init="auto",
+                                       error_on="mined"),
 }
 
 
-def reference_kappas(config: controller.ControllerConfig, errors) -> list[float]:
-    """Slow, obvious controller: the κ in force before each epoch, and after the last one."""
-    kappa = config.kappa_random if config.random_epochs > 0 else config.kappa_init
-    history, kappas = [], [kappa]
-    for epoch, error in enumerate(errors, start=1):
-        history.append((kappa, float(error)))
+def reference_kappas(config: controller.ControllerConfig, errors, mined_errors=None,
+                     kappa0: float = 8.0) -> list[float]:
+    """Slow, obvious controller: the κ used in each epoch, and the κ after the last one.
+
+    `mined_errors[i]`: the mined triplets' error of epoch i (None: nothing mined); `kappa0`:
+    what the calibration of `kappa_init="auto"` gives at the first mining epoch.
+    """
+    mined_errors = [None] * len(errors) if mined_errors is None else mined_errors
+    auto = config.kappa_init == "auto"
+    kappa_start = (float(np.clip(kappa0, config.kappa_min, config.kappa_max)) if auto
+                   else config.kappa_init)
+    random_kappa = config.kappa_max if config.kappa_random is None else config.kappa_random
+    kappa = random_kappa if config.random_epochs > 0 else kappa_start
+    history, kappas = [], []
+    for epoch, (error, mined) in enumerate(zip(errors, mined_errors, strict=True), start=1):
+        kappas.append(kappa)
+        signal = mined if config.error_on == "mined" else float(error)
+        random_only = epoch <= config.random_epochs
+        recorded = signal is not None and not (random_only and config.kappa_random is None)
+        if recorded:
+            history.append((kappa, float(signal)))
         if epoch < config.random_epochs:
-            kappa = config.kappa_random
+            kappa = random_kappa
         elif epoch == config.random_epochs:
-            kappa = config.kappa_init
+            kappa = kappa_start
         elif config.policy == "manual":
             halvings = (epoch - config.random_epochs) // config.manual_halve_every
-            kappa = float(np.clip(config.kappa_init / 2**halvings, config.kappa_min,
+            kappa = float(np.clip(kappa_start / 2**halvings, config.kappa_min,
+                                  config.kappa_max))
+        elif not recorded:  # nothing mined: κ too large for the lists
+            kappa = float(np.clip(kappa / config.degenerate_factor, config.kappa_min,
                                   config.kappa_max))
         else:
+            error = signal
             window = history[-config.window:]
             window_kappas = [point[0] for point in window]
             window_errors = [point[1] for point in window]
@@ -70,17 +97,21 @@ def reference_kappas(config: controller.ControllerConfig, errors) -> list[float]
             else:
                 new_kappa = kappa
             kappa = float(np.clip(new_kappa, config.kappa_min, config.kappa_max))
-        kappas.append(kappa)
-    return kappas
+    return [*kappas, kappa]
 
 
-def controller_kappas(config, errors) -> list[float]:
+def controller_kappas(config, errors, mined_errors=None, kappa0: float = 8.0) -> list[float]:
+    """The implementation's κ used in each epoch (κ₀ calibrated to `kappa0` where "auto"), and
+    the κ after the last one."""
+    mined_errors = [None] * len(errors) if mined_errors is None else mined_errors
     state = controller.init(config)
-    kappas = [float(state.kappa)]
-    for error in errors:
-        state = controller.update(state, error)
+    kappas = []
+    for error, mined in zip(errors, mined_errors, strict=True):
+        if controller.needs_initial_kappa(state):
+            state = controller.set_initial_kappa(state, kappa0)
         kappas.append(float(state.kappa))
-    return kappas
+        state = controller.update(state, error, mined)
+    return [*kappas, float(state.kappa)]
 
 
 def plant_error(c: float, kappa: float, noise: float, rng) -> np.float32:
@@ -151,11 +182,17 @@ def test_matches_reference_controller(name, seed, kind):
         c = rng.uniform(0.02, 0.3)
         state, errors = controller.init(config), []
         for _ in range(num_epochs):
+            if controller.needs_initial_kappa(state):
+                state = controller.set_initial_kappa(state, 8.0)
             errors.append(plant_error(c, float(state.kappa), 0.01, rng))
             state = controller.update(state, errors[-1])
     errors = np.asarray(errors, np.float32)
-    np.testing.assert_allclose(controller_kappas(config, errors),
-                               reference_kappas(config, errors), rtol=1e-4)
+    # The mined triplets' error: near the overall one, absent (nothing mined) now and then.
+    mined = [None if rng.random() < 0.2 else float(np.float32(np.clip(e + 0.3, 0, 1)))
+             for e in errors]
+    kappa0 = float(rng.uniform(0.5, 80.0))
+    np.testing.assert_allclose(controller_kappas(config, errors, mined, kappa0),
+                               reference_kappas(config, errors, mined, kappa0), rtol=1e-4)
 
 
 def test_default_config_follows_spec_section_3():
@@ -195,6 +232,109 @@ def test_no_random_epochs_starts_mining_with_kappa_init():
     # One point cannot fit a line: degenerate fallback, too hard -> κ doubles.
     state = controller.update(state, 0.9)
     assert float(state.kappa) == 32.0 and not bool(state.used_fit)
+
+
+# --- the options of the validation study ----------------------------------------------------
+
+def test_mined_signal_ignores_the_overall_error_and_an_epoch_without_mined_triplets():
+    state = controller.init(CONFIGS["mined_auto"])  # target 0.6, κ_random None
+    for _ in range(2):  # random epochs: no mined triplets, no point
+        state = controller.update(state, 0.1)
+    assert int(state.count) == 0 and np.isnan(float(state.kappa))
+    assert controller.needs_initial_kappa(state)
+    state = controller.set_initial_kappa(state, 10.0)
+    assert not controller.needs_initial_kappa(state)
+    state = controller.update(state, 0.1, 0.9)  # overall 0.1 (ignored), mined 0.9: too hard
+    assert int(state.count) == 1 and float(state.kappa) == 20.0  # one point: factor 2 up
+    np.testing.assert_allclose(state.errors[-1], 0.9, rtol=1e-6)
+    state = controller.update(state, 0.1, 0.5)  # a line through (10, 0.9), (20, 0.5)
+    assert bool(state.used_fit)
+    np.testing.assert_allclose(float(state.kappa), 20.0 - 0.1 * (10.0 / 0.4), rtol=1e-5)
+    before = state
+    state = controller.update(state, 0.1, None)  # nothing mined: no point, κ halved
+    assert int(state.count) == int(before.count) and not bool(state.used_fit)
+    np.testing.assert_allclose(float(state.kappa), float(before.kappa) / 2, rtol=1e-6)
+
+
+def test_without_kappa_random_the_random_epochs_enter_no_fit():
+    with_points = controller.init()
+    without = controller.init(kappa_random=None)
+    assert float(without.kappa) == 64.0  # shown as κ_max; never used by a random epoch
+    for error in (0.2, 0.15):
+        with_points = controller.update(with_points, error)
+        without = controller.update(without, error)
+    assert int(with_points.count) == 2 and int(without.count) == 0
+    assert float(without.kappa) == 16.0
+    with_points = controller.update(with_points, 0.7)
+    without = controller.update(without, 0.7)
+    assert bool(with_points.used_fit) and float(with_points.kappa) > 16.0  # fit via κ = 64
+    assert not bool(without.used_fit) and float(without.kappa) == 32.0  # one point: ×2
+
+
+def test_manual_schedule_halves_the_calibrated_kappa():
+    state = controller.init(CONFIGS["manual_auto"])
+    used = []
+    for epoch in range(1, 12):
+        if controller.needs_initial_kappa(state):
+            assert epoch == 3
+            state = controller.set_initial_kappa(state, 12.0)
+        used.append(float(state.kappa))
+        state = controller.update(state, 0.5, 0.5)
+    assert used[2:] == [12.0] * 3 + [6.0] * 3 + [3.0] * 3
+
+
+@pytest.mark.parametrize("kappa, expected", [(0.2, 1.0), (100.0, 64.0), (12.5, 12.5),
+                                             (float("inf"), 64.0), (float("nan"), 64.0)])
+def test_set_initial_kappa_clips(kappa, expected):
+    state = controller.set_initial_kappa(controller.init(kappa_init="auto"), kappa)
+    assert float(state.kappa) == expected and float(state.kappa_start) == expected
+
+
+def test_only_auto_needs_an_initial_kappa():
+    state = controller.init()
+    for _ in range(4):
+        assert not controller.needs_initial_kappa(state)
+        state = controller.update(state, 0.3)
+    assert controller.needs_initial_kappa(controller.init(kappa_init="auto", random_epochs=0))
+
+
+def reference_kappa_for_share(ratios, share) -> float:
+    """The largest candidate κ (a ratio, or 0) with at least a share of the ratios >= κ."""
+    needed = share * len(ratios)
+    candidates = sorted({0.0, *map(float, ratios)}, reverse=True)
+    return next(c for c in candidates if np.sum(np.asarray(ratios) >= c) >= needed - 1e-9)
+
+
+@settings(max_examples=40, deadline=None)
+@given(ratios=st.lists(st.sampled_from([0.0, 0.5, 1.0, 2.0, 3.5, 8.0, 40.0, float("inf")]),
+                       min_size=1, max_size=30),
+       share=st.sampled_from([0.01, 0.1, 0.25, 0.3, 0.5, 0.75, 0.9, 1.0]))
+def test_kappa_for_share_matches_reference(ratios, share):
+    got = float(controller.kappa_for_share(np.asarray(ratios, np.float32), share))
+    assert got == reference_kappa_for_share(ratios, share)
+
+
+def test_kappa_for_share_edges():
+    assert float(controller.kappa_for_share(np.zeros(0, np.float32), 0.5)) == 0.0
+    ratios = np.arange(1, 11, dtype=np.float32)  # 1..10
+    assert float(controller.kappa_for_share(ratios, 0.3)) == 8.0  # 3 of 10 anchors at >= 8
+    assert float(controller.kappa_for_share(ratios, 1.0)) == 1.0
+    traced = jax.jit(controller.kappa_for_share)(ratios, jnp.float32(0.5))
+    assert float(traced) == 6.0
+
+
+def test_calibrate_kappa_on_lists():
+    labels = np.array([0, 0, 1, 1, 2, 2])
+    # Row r: p_nn first at d² 1, then negatives up to d² = 2 + r (r = 0..5): ratios 2..7.
+    ids = np.array([[1, 2, 3], [0, 2, 3], [3, 0, 1], [2, 0, 1], [5, 0, 1], [4, 0, 1]])
+    sq = np.array([[1.0, 1.5, 2.0 + r] for r in range(6)], np.float32)
+    assert float(controller.calibrate_kappa(ids, sq, labels)) == 5.0  # 3 of 6 at >= 5
+    assert float(controller.calibrate_kappa(ids, sq, labels, share=1.0)) == 2.0
+    assert float(controller.calibrate_kappa(ids[3:], sq[3:], labels, share=1.0,
+                                            anchor_ids=[3, 4, 5])) == 5.0
+    for share in (0.0, 1.5, float("nan"), "half"):
+        with pytest.raises(ValueError, match="share"):
+            controller.calibrate_kappa(ids, sq, labels, share=share)
 
 
 # --- the simulated plant -----------------------------------------------------------------
@@ -391,7 +531,9 @@ def test_unknown_fields_are_named():
     ("kappa_max", 0.5), ("kappa_init", 100.0), ("kappa_random", -1.0),
     ("random_epochs", -1), ("degenerate_factor", 1.0), ("min_slope", -1.0),
     ("min_slope", float("nan")), ("tolerance", 0.5), ("max_step_factor", 0.5),
-    ("manual_halve_every", 0), ("negative_slope_only", 1),
+    ("manual_halve_every", 0), ("negative_slope_only", 1), ("error_on", "some"),
+    ("kappa_init", "automatic"), ("kappa_init", None), ("kappa_init_share", 0.0),
+    ("kappa_init_share", 1.5), ("kappa_random", 0.0), ("kappa_random", "none"),
 ])
 def test_invalid_values_name_the_field(field, value):
     with pytest.raises(ValueError, match=field):
@@ -408,6 +550,8 @@ def test_config_must_be_a_mapping():
 def test_bad_training_error_is_rejected(error):
     with pytest.raises(ValueError, match="training_error"):
         controller.update(controller.init(), error)
+    with pytest.raises(ValueError, match="mined_error"):
+        controller.update(controller.init(), 0.5, error)
 
 
 def test_state_must_be_a_controller_state():

@@ -210,5 +210,51 @@ def test_load_builds_both_splits(tree, tmp_path):
     np.testing.assert_array_equal(train.labels, [0, 0, 0, 1, 1, 1])
     np.testing.assert_array_equal(test.images, _reference(dataset.subset("test"), 12, 3))
     assert train.counts == {"train": 6, "test": 6}
-    with pytest.raises(ValueError, match="^split: expected 'train' or 'test'"):
+    assert data.load(config, split="val", dataset=dataset, progress=False) is None  # 2 classes
+    with pytest.raises(ValueError, match=r"^split: expected one of \('train', 'val', 'test'\)"):
         data.load(config, split="all", dataset=dataset)
+
+
+def test_validation_classes_share_count_and_seed():
+    assert data.validation_classes(964, 0.1).size == 96
+    assert data.validation_classes(100, 0.1).size == 10
+    assert data.validation_classes(98, 0.1).size == 9
+    assert data.validation_classes(19, 0.1).size == 0  # ⌊1.9⌋ < 2: no validation split
+    assert data.validation_classes(50, 0).size == 0
+    chosen = data.validation_classes(50, 7, seed=3)
+    assert chosen.size == 7 and np.all(np.diff(chosen) > 0) and chosen.max() < 50
+    np.testing.assert_array_equal(chosen, data.validation_classes(50, 7, seed=3))
+    assert not np.array_equal(chosen, data.validation_classes(50, 7, seed=4))
+    with pytest.raises(ValueError, match=r"^data\.val_classes=9: holds out 9 of the 10"):
+        data.validation_classes(10, 9)
+    for value in (1, 1.0, 2.5, -0.1, True, "0.1", float("nan")):
+        with pytest.raises(ValueError, match=r"^data\.val_classes: expected a share"):
+            data.resolve_config({"val_classes": value})
+    with pytest.raises(ValueError, match=r"^data\.val_seed: expected an integer"):
+        data.resolve_config({"val_seed": 0.5})
+
+
+def test_load_holds_the_validation_classes_out_of_train(tmp_path):
+    rng = np.random.default_rng(0)
+    for c in range(8):
+        (tmp_path / "images" / f"c{c}").mkdir(parents=True)
+        for j in range(2 + c % 2):
+            pixels = rng.integers(0, 256, (6, 6, 3), dtype=np.uint8)
+            Image.fromarray(pixels).save(tmp_path / "images" / f"c{c}" / f"{j}.png")
+    config = data.default_config()
+    config.update(name="folder", dir=str(tmp_path / "images"), cache_dir=str(tmp_path / "c"),
+                  image_size=6, crop_size=6, train_fraction=0.75, val_classes=2, val_seed=1)
+    dataset = data.build_dataset(config, progress=False)
+    train = data.load(config, split="train", dataset=dataset, progress=False)
+    val = data.load(config, split="val", dataset=dataset, progress=False)
+    test = data.load(config, split="test", dataset=dataset, progress=False)
+    all_train = dataset.subset("train")
+    held_out = data.validation_classes(6, 2, seed=1)
+    assert set(val.class_names) == {all_train.class_names[c] for c in held_out}
+    assert set(train.class_names) | set(val.class_names) == set(all_train.class_names)
+    assert not set(train.class_names) & set(val.class_names)
+    assert len(train) + len(val) == len(all_train) and test.num_classes == 2
+    assert val.dataset.split == "val" and val.num_classes == 2
+    np.testing.assert_array_equal(val.labels, np.unique(val.labels, return_inverse=True)[1])
+    np.testing.assert_array_equal(val.images, _reference(val.dataset, 6, 3))
+    assert train.counts == {"train": len(all_train), "test": len(test)}  # official counts

@@ -81,16 +81,32 @@ VARIANT_FIELDS = {
     "lifted": {"mining.kind": "none", "loss.kind": "lifted", "model.l2_normalise": False},
     "npairs": {"mining.kind": "none", "loss.kind": "npairs", "train.samples_per_class": 2},
 }
+# The first SPEC's Smart Mining: the variant sets these whatever the defaults are.
+SPEC_V1 = {"controller.error_on": "all", "controller.target_error": 0.5,
+           "controller.kappa_init": 16.0, "controller.kappa_random": 64.0,
+           "controller.max_step_factor": None, "mining.mined_fraction": 0.5, "mining.k": 0,
+           "train.triplets_per_anchor": 1}
 
 
-@pytest.mark.parametrize("variant", sorted(VARIANT_FIELDS))
+def _expected_differences(variant: str, default: dict) -> dict:
+    if variant == "smart_v1":
+        return {name: value for name, value in SPEC_V1.items() if default[name] != value}
+    return VARIANT_FIELDS[variant]
+
+
+@pytest.mark.parametrize("variant", sorted([*VARIANT_FIELDS, "smart_v1"]))
 def test_each_variant_changes_only_its_fields(variant):
-    assert set(VARIANT_FIELDS) == set(common.VARIANTS)
+    assert set(VARIANT_FIELDS) | {"smart_v1"} == set(common.VARIANTS)
     default, changed = _flat(cub.get_config()), _flat(cub.get_config(variant))
     differences = {name: changed[name] for name in default
                    if changed[name] != default[name] and name != "variant"}
-    assert differences == VARIANT_FIELDS[variant]
+    assert differences == _expected_differences(variant, default)
     assert changed["variant"] == variant
+
+
+def test_smart_v1_is_the_first_spec():
+    config = _flat(omniglot.get_config("smart_v1"))
+    assert {name: config[name] for name in SPEC_V1} == SPEC_V1
 
 
 def test_variants_combine_in_order_with_smoke():

@@ -269,6 +269,13 @@ def test_training_error_hand_made():
     np.testing.assert_allclose(aux["training_error"], 1 / 3, rtol=1e-6)
     _, aux = objective_jit(a, p, n, mask=np.zeros(4, bool))
     assert all(float(v) == 0.0 for v in aux.values())
+    # The mined triplets' counts: rows 1 (violates), 2 (satisfied) and 3 (masked) are mined.
+    mined = np.array([False, True, True, True])
+    loss, aux = objective_jit(a, p, n, mask=mask, mined=mined)
+    assert (float(aux["num_mined"]), float(aux["mined_violations"])) == (2.0, 1.0)
+    np.testing.assert_allclose(loss, objective_jit(a, p, n, mask=mask)[0], rtol=1e-7)
+    with pytest.raises(ValueError, match="^mined: expected a boolean array"):
+        objective_jit(a, p, n, mask=mask, mined=np.ones(4, np.int32))
 
 
 def test_ratio_loss_zero_iff_negative_beyond_positive_plus_margin():

@@ -67,8 +67,9 @@ def make_problem(seed, total, k):
 def reference_walk(ids, sq_dists, labels, kappa, num_slots, anchors=None):
     """SPEC §2 Algorithm 1, one anchor at a time, one list entry at a time.
 
-    Returns per row (p_nn id or -1, number of valid negatives, slots), each slot either
-    ("mined", negative, positive or None when no valid positive is farther) or ("random",).
+    Returns per row (p_nn id or -1, number of valid negatives, slots, whether the list ends
+    inside the boundary), each slot either ("mined", negative, positive or None when no valid
+    positive is farther) or ("random",).
     """
     anchors = np.arange(len(labels)) if anchors is None else anchors
     kappa = np.float32(kappa)
@@ -92,7 +93,9 @@ def reference_walk(ids, sq_dists, labels, kappa, num_slots, anchors=None):
             n = negatives[slot]
             p = next((j for j in positives if sq_dists[row, j] > sq_dists[row, n]), None)
             slots.append(("mined", ids[row, n], None if p is None else ids[row, p]))
-        rows.append((-1 if nearest is None else ids[row, nearest], len(negatives), slots))
+        inside = nearest is not None and sq_dists[row, -1] < boundary
+        rows.append((-1 if nearest is None else ids[row, nearest], len(negatives), slots,
+                     inside))
     return rows
 
 
@@ -105,10 +108,11 @@ def check_against_reference(ids, sq_dists, labels, kappa, num_slots, triplets, i
     class_size = np.bincount(np.unique(labels, return_inverse=True)[1])[
         np.unique(labels, return_inverse=True)[1]]
     reference = reference_walk(ids, sq_dists, labels, kappa, num_slots, anchors)
-    for row, (nearest, num_negatives, slots) in enumerate(reference):
+    for row, (nearest, num_negatives, slots, inside) in enumerate(reference):
         anchor = anchors[row]
         assert info.nearest_positive[row] == nearest, row
         assert info.num_valid_negatives[row] == num_negatives, row
+        assert info.list_inside_boundary[row] == inside, row
         in_list = set(ids[row].tolist())
         class_members = set(np.flatnonzero(labels == labels[anchor]).tolist()) - {anchor}
         mined_negatives = []
@@ -180,6 +184,66 @@ def test_matches_reference_with_k_equal_n_minus_1():
                 jax.random.fold_in(KEY, seed), ids, sq_dists, labels, kappa,
                 triplets_per_anchor=2)
             check_against_reference(ids, sq_dists, labels, kappa, 2, triplets, info, full_sq)
+
+
+def reference_ratios(ids, sq_dists, labels, anchors=None):
+    """Per row, the largest κ at which the list still holds a valid negative: found by trying
+    Algorithm 1's walk (``reference_walk``) at every candidate κ = d²(entry) / d²(p_nn)."""
+    anchors = np.arange(len(labels)) if anchors is None else anchors
+    ratios = []
+    for row, anchor in enumerate(anchors):
+        same = labels[ids[row]] == labels[anchor]
+        if not same.any():
+            ratios.append(0.0)
+            continue
+        nearest = int(np.argmax(same))
+        if sq_dists[row, nearest] == 0:  # boundary 0 at every κ
+            has_negative = (~same[nearest + 1:]).any()
+            ratios.append(np.inf if has_negative else 0.0)
+            continue
+        candidates = sq_dists[row] / sq_dists[row, nearest]
+        valid = [c for c in candidates if reference_walk(
+            ids[row:row + 1], sq_dists[row:row + 1], labels, c, 1, [anchor])[0][1] > 0]
+        ratios.append(max(valid, default=0.0))
+    return np.asarray(ratios, np.float32)
+
+
+@pytest.mark.parametrize("total,k,num_slots", CONFIGS)
+def test_boundary_ratios_match_the_walk_at_every_kappa(total, k, num_slots):
+    del num_slots
+    for seed in range(4):
+        ids, sq_dists, labels, _ = make_problem(seed, total, k)
+        ratios = np.asarray(mining.boundary_ratios(ids, sq_dists, labels, chunk_size=8))
+        np.testing.assert_allclose(ratios, reference_ratios(ids, sq_dists, labels), rtol=1e-6)
+        # At κ = r the anchor still mines, just above r it does not.
+        finite = np.isfinite(ratios) & (ratios > 0)
+        for factor, mined in ((1.0, True), (1.0 + 1e-3, False)):
+            for row in np.flatnonzero(finite)[:10]:
+                _, one = mining.mine_triplets(KEY, ids[row:row + 1], sq_dists[row:row + 1],
+                                              labels, ratios[row] * factor,
+                                              anchor_ids=[row])
+                assert (int(one.num_valid_negatives[0]) > 0) == mined, (seed, row, factor)
+
+
+def test_boundary_ratios_edges_and_anchor_subsets():
+    labels = np.array([0, 0, 1, 1, 2])
+    ids = np.array([[1, 2, 3, 4], [0, 2, 4, 3], [4, 0, 1, 3], [2, 1, 0, 4], [0, 1, 2, 3]])
+    sq = np.array([[0.0, 1, 2, 3], [2.0, 3, 4, 5], [1.0, 2, 3, 4], [1.0, 2, 3, 8],
+                   [1.0, 2, 3, 4]], np.float32)
+    ratios = np.asarray(mining.boundary_ratios(ids, sq, labels))
+    # row 0: duplicate p_nn -> inf; row 1: p_nn first, farthest negative 5/2; row 2: p_nn is
+    # the last entry -> 0; row 3: p_nn at 1.0, farthest negative 8; row 4: alone in its class.
+    np.testing.assert_array_equal(ratios, [np.inf, 2.5, 0.0, 8.0, 0.0])
+    subset = mining.boundary_ratios(ids[[3, 1]], sq[[3, 1]], labels, anchor_ids=[3, 1])
+    np.testing.assert_array_equal(subset, [8.0, 2.5])
+    jitted = jax.jit(lambda i, d: mining.boundary_ratios(i, d, jnp.asarray(labels)))(ids, sq)
+    np.testing.assert_array_equal(jitted, ratios)
+    assert mining.boundary_ratios(ids[:0], sq[:0], labels, anchor_ids=np.zeros(0, int)
+                                  ).shape == (0,)
+    with pytest.raises(ValueError, match="neighbour_sq_dists"):
+        mining.boundary_ratios(ids, sq[:, ::-1], labels)
+    with pytest.raises(ValueError, match="neighbour_ids"):
+        mining.boundary_ratios(ids + 10, sq, labels)
 
 
 def test_fallbacks_are_exercised_by_the_random_problems():

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -15,6 +16,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import pytest
+from flax import struct
 from PIL import Image
 
 from experiments.configs import common, omniglot
@@ -195,6 +197,96 @@ def test_end_to_end_on_class_folders_logs_checkpoints_and_extends(folder, tmp_pa
     assert records[3]["kappa"] == records[2]["kappa_next"]
 
 
+def test_validation_split_best_checkpoint_and_the_study_options(folder, tmp_path):
+    """Held-out classes evaluated beside test, the best epoch by validation R@1 kept and
+    resumed; κ₀ calibrated from the lists, the mined triplets' error as the signal, and two
+    slots on half the anchors (N triplets an epoch all the same)."""
+    data_dir, cache_dir = folder
+    config = tiny_config(data_dir, cache_dir, data={"val_classes": 3},
+                         controller={"kappa_init": "auto", "error_on": "mined",
+                                     "kappa_random": None},
+                         train={"epochs": 4, "triplets_per_anchor": 2})
+    workdir = tmp_path / "run"
+    train.train_and_evaluate(config, workdir)
+    saved = json.loads((workdir / "config.json").read_text())
+    assert saved["dataset"]["train"] == {"images": 54, "classes": 9}
+    assert saved["dataset"]["val"] == {"images": 18, "classes": 3}
+    records = _records(workdir)
+    steps = -(-54 // 16)
+    assert [r["step"] for r in records] == [steps * e for e in (1, 2, 3, 4)]
+    for record in records:
+        assert EVAL_KEYS <= set(record["val"]) and EVAL_KEYS <= set(record["test"])
+    best_r1 = max(r["val"]["recall@1"] for r in records)
+    best_epoch = next(r["epoch"] for r in records if r["val"]["recall@1"] == best_r1)
+    assert records[-1]["best_val"] == {"epoch": best_epoch, "recall@1": best_r1,
+                                       "step": steps * best_epoch}
+    assert [int(p.name) for p in (workdir / "checkpoints_best").iterdir()
+            if p.name.isdigit()] == [steps * best_epoch]
+    # Random epochs: no mined triplets, no signal; κ₀ pending after epoch 2, then calibrated.
+    assert [r["training_error_mined"] for r in records[:2]] == [None, None]
+    assert records[1]["kappa_next"] is None and "kappa_calibrated" not in records[3]
+    first = records[2]
+    assert first["kappa_calibrated"] and 1.0 <= first["kappa"] <= 64.0
+    assert first["anchors"] == 27 and first["fallbacks"]["triplets"] == 54
+    for record in records[2:]:
+        assert record["controller_error"] == record["training_error_mined"]
+        mined = record["fallbacks"]["mined"] and record["mined_fraction"] > 0
+        assert (record["training_error_mined"] is None) == (not mined)
+    with np.load(workdir / "triplets" / "epoch_0003.npz") as triplets:
+        assert triplets["anchor"].shape == (54,)
+        assert len(np.unique(triplets["anchor"][triplets["mined"]])) <= 27
+
+    # Resuming for one more epoch keeps the best so far.
+    longer = tiny_config(data_dir, cache_dir, data={"val_classes": 3},
+                         controller={"kappa_init": "auto", "error_on": "mined",
+                                     "kappa_random": None},
+                         train={"epochs": 5, "triplets_per_anchor": 2})
+    train.train_and_evaluate(longer, workdir)
+    records = _records(workdir)
+    assert [r["epoch"] for r in records] == [1, 2, 3, 4, 5]
+    if records[-1]["val"]["recall@1"] <= best_r1:
+        assert records[-1]["best_val"]["epoch"] == best_epoch
+
+
+@struct.dataclass
+class _TinyState:
+    step: jax.Array
+    value: jax.Array
+
+
+def test_best_checkpoint_survives_interruptions(tmp_path):
+    def state(step):
+        return _TinyState(jnp.int32(step), jnp.float32(step))
+
+    best = train._BestByValidation(tmp_path / "best")
+    best.resume(state(0), {})
+    assert not (tmp_path / "best").exists()  # nothing made before a first save
+    for epoch, r1 in ((1, 0.5), (2, 0.7), (3, 0.6)):
+        best.observe(epoch, 10 * epoch, {"recall@1": r1})
+        if best.epoch == epoch:
+            best.save(state(10 * epoch), {"epoch": epoch, "val": {}, "test": {}})
+            best.drop_older()
+    assert best.meta() == {"best_val": {"epoch": 2, "step": 20, "recall@1": 0.7}}
+    assert best.checkpoints.manager.all_steps() == [20]
+    meta_at_epoch_2 = best.meta()
+    best.observe(4, 40, {"recall@1": 0.9})
+    best.save(state(40), {"epoch": 4, "val": {}, "test": {}})
+    best.close()
+    # Killed after the best of epoch 4 landed, before its regular checkpoint: the run resumes
+    # from epoch 3 (best: epoch 2, still on disk); the later best is dropped (epoch 4 is
+    # trained again).
+    resumed = train._BestByValidation(tmp_path / "best")
+    resumed.resume(state(30), meta_at_epoch_2)
+    assert resumed.checkpoints.manager.all_steps() == [20] and resumed.epoch == 2
+    resumed.close()
+    shutil.rmtree(tmp_path / "best" / "20")
+    # The best of the restored epoch whose own save did not land is written from it.
+    again = train._BestByValidation(tmp_path / "best")
+    again.resume(state(20), meta_at_epoch_2)
+    assert again.checkpoints.manager.all_steps() == [20]
+    again.close()
+
+
 @pytest.mark.slow
 def test_end_to_end_under_tfds_mock_data(tmp_path):
     tfds = pytest.importorskip("tensorflow_datasets")
@@ -293,6 +385,7 @@ _PARALLEL_SCRIPT = textwrap.dedent("""
         images = rng.integers(0, 256, shape).astype(np.uint8)
         labels = np.repeat(np.arange(rows // 4), 4).astype(np.int32)
         mask = np.arange(rows) < rows - 3  # a padded tail
+        mined = (np.arange(rows) % 2 == 0) & (variant == "smoke")
         results = []
         for devices in (jax.devices()[:1], jax.devices()):
             mesh = Mesh(np.asarray(devices), ("data",))
@@ -304,7 +397,8 @@ _PARALLEL_SCRIPT = textwrap.dedent("""
             for _ in range(2):
                 state, metrics = jitted(state, jax.device_put(images, batch),
                                         jax.device_put(labels, batch),
-                                        jax.device_put(mask, batch))
+                                        jax.device_put(mask, batch),
+                                        jax.device_put(mined, batch))
                 per_step.append((float(metrics["loss"]), jax.tree.leaves(jax.device_get(
                     {"params": state.params, "batch_stats": state.batch_stats}))))
             assert len(state.params["head"]["kernel"].sharding.device_set) == len(devices)
