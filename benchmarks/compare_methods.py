@@ -242,6 +242,21 @@ class _ChildSignals:
         return False
 
 
+def parse_shard(text: str | None) -> tuple[int, int]:
+    """"I/N" -> (I, N), 0 <= I < N: this invocation runs every N-th job from the I-th (two
+    invocations pinned to one core each run two jobs at a time); None -> (0, 1). ValueError
+    for anything else."""
+    if text is None:
+        return 0, 1
+    try:
+        index, count = (int(part) for part in text.split("/"))
+    except ValueError:
+        raise ValueError(f"--shard: expected I/N, e.g. 0/2, got {text!r}") from None
+    if not 0 <= index < count:
+        raise ValueError(f"--shard: expected 0 <= I < N, got {text!r}")
+    return index, count
+
+
 def run_all(jobs: Sequence[tuple[str, int]], *, runs_dir: Path, epochs: int,
             command_for: Callable[[str, int, Path], list[str]]) -> tuple[list[str], bool]:
     """Runs every unfinished (name, seed) in order, each as `command_for(name, seed, workdir)`
@@ -1089,6 +1104,11 @@ def _parse_args(argv=None):
                         help="tiny runs: the config's smoke variant (subset, small net)")
     parser.add_argument("--report-only", action="store_true",
                         help="write the report from the existing runs, train nothing")
+    parser.add_argument("--shard", default=None, metavar="I/N",
+                        help="run only every N-th run from the I-th (e.g. two invocations "
+                             "'taskset -c 0 ... --shard 0/2' and 'taskset -c 1 ... --shard 1/2'"
+                             " train two runs at a time, one core each; their times then "
+                             "come from a shared machine)")
     parser.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
                         help="a config override for every run, e.g. --set "
                              "train.batch_size=64 (repeatable)")
@@ -1112,6 +1132,10 @@ def _parse_args(argv=None):
     args.results = Path(args.results or (args.runs_dir / "RESULTS.md" if args.smoke
                                          else DEFAULT_RESULTS)).absolute()
     args.data_dir = Path(args.data_dir).absolute()
+    try:
+        args.shard = parse_shard(args.shard)
+    except ValueError as error:
+        parser.error(str(error))
     if any("=" not in item for item in args.set):
         parser.error("--set: expected FIELD=VALUE, e.g. train.batch_size=64")
     if not args.report_only and not args.data_dir.is_dir():
@@ -1135,7 +1159,8 @@ def main(argv=None) -> None:
     history = args.runs_dir / "commands.jsonl"
     failures, stopped = [], False
     if not args.report_only:
-        jobs = [(name, seed) for seed in args.seeds for name in names]
+        index, count = args.shard
+        jobs = [(name, seed) for seed in args.seeds for name in names][index::count]
         _append_json(history, {"command": command,
                                "date": datetime.datetime.now().isoformat(timespec="seconds")})
         failures, stopped = run_all(

@@ -1,7 +1,7 @@
 """A PyTorch peer of the `semihard` row: pytorch-metric-learning on the same data and net.
 
     python benchmarks/pml_peer.py --config=experiments/configs/omniglot.py --workdir=DIR \
-        --config.data.dir=../shared/data/omniglot [--config.seed=S] [--optimizer=adam]
+        --config.data.dir=PATH/TO/omniglot [--config.seed=S] [--optimizer=adam]
 
 What is the same as `python -m experiments.omniglot` (it reads the same config file and
 `--config.*` overrides): the dataset, split and subset (`smine_jax.data` + `train.subset_dataset`:
@@ -74,10 +74,9 @@ def missing_message(missing: list[str]) -> str:
             f"extra): {INSTALL_HINT}")
 
 
-def steps_per_epoch(num_train: int, triplets_per_anchor: int, batch_images: int) -> int:
-    """Batches an epoch: 3 × N × triplets_per_anchor images, as the trainer's in-batch
-    variants (one process)."""
-    return math.ceil(3 * num_train * triplets_per_anchor / batch_images)
+def steps_per_epoch(num_train: int, batch_images: int) -> int:
+    """Batches an epoch: 3 × N images, as the trainer's in-batch variants (one process)."""
+    return math.ceil(3 * num_train / batch_images)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -218,8 +217,7 @@ def run(config, workdir: Path, peer: dict) -> dict:
     dataset, train_split, test_split = _load_splits(config)
     labels = np.asarray(train_split.labels, np.int64)
     batch_images = train.inbatch_images(config)
-    steps = steps_per_epoch(len(train_split), int(config.train.triplets_per_anchor),
-                            batch_images)
+    steps = steps_per_epoch(len(train_split), batch_images)
     mean, std = data_config["mean"], data_config["std"]
 
     net = build_net(int(config.model.width), int(config.model.depth),

@@ -121,18 +121,19 @@ def run(args) -> dict:
     labels = np.repeat(np.arange(rows // 4 + 1, dtype=np.int32), 4)[:rows]  # m-per-class, m=4
     labels = jax.device_put(labels, batch_sharding)
     mask = jax.device_put(np.ones(rows, bool), batch_sharding)
+    mined = jax.device_put(np.arange(rows) % 2 == 0, batch_sharding)  # half mined, as p = 0.5
 
     start = time.perf_counter()
-    state, values = step(state, images, labels, mask)
+    state, values = step(state, images, labels, mask, mined)
     jax.block_until_ready(values)
     compile_s = time.perf_counter() - start
     for _ in range(args.warmup):
-        state, values = step(state, images, labels, mask)
+        state, values = step(state, images, labels, mask, mined)
     jax.block_until_ready(values)
 
     def train_call():
         nonlocal state
-        state, metrics = step(state, images, labels, mask)
+        state, metrics = step(state, images, labels, mask, mined)
         return metrics
 
     step_s, step_cpu_s = _timed(train_call, args.steps, jax.block_until_ready)

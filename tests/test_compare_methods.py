@@ -323,7 +323,7 @@ def test_run_commands():
         "--config.data.dir=/d", "--config.mining.k=5"]
     peer = cm.run_command(cm.PEER, 0, workdir=Path("/w"), epochs=20, data_dir=Path("/d"))
     assert peer[1:3] == ["benchmarks/pml_peer.py", "--config=experiments/configs/omniglot.py"]
-    assert pml_peer.steps_per_epoch(19_280, 1, 128) == 452  # ⌈3 × 19,280 / 128⌉
+    assert pml_peer.steps_per_epoch(19_280, 128) == 452  # ⌈3 × 19,280 / 128⌉
 
 
 def test_report_covers_every_run_on_disk_and_every_command(tmp_path):

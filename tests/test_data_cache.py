@@ -227,6 +227,8 @@ def test_validation_classes_share_count_and_seed():
     assert not np.array_equal(chosen, data.validation_classes(50, 7, seed=4))
     with pytest.raises(ValueError, match=r"^data\.val_classes=9: holds out 9 of the 10"):
         data.validation_classes(10, 9)
+    with pytest.raises(ValueError, match=r"^data\.val_classes=1: a count must be >= 2"):
+        data.validation_classes(10, 1)
     for value in (1, 1.0, 2.5, -0.1, True, "0.1", float("nan")):
         with pytest.raises(ValueError, match=r"^data\.val_classes: expected a share"):
             data.resolve_config({"val_classes": value})
@@ -238,7 +240,7 @@ def test_load_holds_the_validation_classes_out_of_train(tmp_path):
     rng = np.random.default_rng(0)
     for c in range(8):
         (tmp_path / "images" / f"c{c}").mkdir(parents=True)
-        for j in range(2 + c % 2):
+        for j in range(5 + c % 2):
             pixels = rng.integers(0, 256, (6, 6, 3), dtype=np.uint8)
             Image.fromarray(pixels).save(tmp_path / "images" / f"c{c}" / f"{j}.png")
     config = data.default_config()
@@ -258,3 +260,16 @@ def test_load_holds_the_validation_classes_out_of_train(tmp_path):
     np.testing.assert_array_equal(val.labels, np.unique(val.labels, return_inverse=True)[1])
     np.testing.assert_array_equal(val.images, _reference(val.dataset, 6, 3))
     assert train.counts == {"train": len(all_train), "test": len(test)}  # official counts
+    # Too few images to evaluate: with a share, nothing held out (logged); with a count, an
+    # error naming the field.
+    few = dataset.select([i for i in range(len(dataset))
+                          if not dataset.is_train[i] or i % 4 == 0])  # 1-2 images a class
+    held = np.isin(few.subset("train").labels, data.validation_classes(6, 3, seed=1))
+    assert 0 < held.sum() < data.MIN_VALIDATION_IMAGES
+    config.update(val_classes=0.5)  # 3 of the 6 classes
+    assert data.load(config, split="val", dataset=few, progress=False) is None
+    assert len(data.load(config, split="train", dataset=few, progress=False)) == sum(
+        few.is_train)
+    config.update(val_classes=3)
+    with pytest.raises(ValueError, match=r"^data\.val_classes=3: the validation classes hold"):
+        data.load(config, split="train", dataset=few, progress=False)

@@ -1,7 +1,7 @@
 """Omniglot on CPU (issue 5 §3): a small conv net at 28², 64-d, background / evaluation split.
 
     python -m experiments.omniglot --config=experiments/configs/omniglot.py --workdir=DIR
-    --config.data.dir=../shared/data/omniglot (offline; default: downloaded once, ~15 MB)
+    --config.data.dir=PATH/TO/omniglot (offline; default: downloaded once, ~15 MB)
 
 Choices: images squashed to 28² and used whole (crop 28 = no crop augmentation, no flip: the
 characters are centred and mirroring changes a character), one channel; 4 blocks of 64 channels

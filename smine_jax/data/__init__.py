@@ -31,9 +31,10 @@ The `config.data` section (an `ml_collections.ConfigDict`; `default_config()` gi
     train_fraction  see split_dirs (default 0.5, as CUB and Cars split their classes in half).
     val_classes     training classes held out as the validation split (the paper's held-out
                     set, for model selection and every tuned choice; never trained on): a share
-                    in [0, 1) (⌊share × classes⌋; none when that is below 2) or a count >= 2;
-                    0 = none. Default 0.1: 96 of Omniglot's 964, 10 of CUB's 100, 9 of Cars'
-                    98 training classes. Official counts still refer to the whole training split.
+                    in [0, 1) (⌊share × classes⌋; none when that is below 2 classes or 9
+                    images) or a count >= 2 (of 9 images or more); 0 = none. Default 0.1: 96
+                    of Omniglot's 964, 10 of CUB's 100, 9 of Cars' 98 training classes.
+                    Official counts still refer to the whole training split.
     val_seed        which classes are held out: a uniform draw seeded by it (default 0, the
                     same classes for every training seed).
     download_url    base URL of the Omniglot archives (tests point it at a local server).
@@ -96,6 +97,8 @@ DEFAULTS = {
     "download_url": sources.OMNIGLOT_URL, "num_workers": 0, "val_classes": 0.1, "val_seed": 0,
 }
 SPLITS = ("train", "val", "test")
+# The fewest validation images the evaluation takes (Recall@8 needs 8 other images a query).
+MIN_VALIDATION_IMAGES = 9
 _ALIASES = {"cub200": "cub", "caltech_birds2011": "cub", "cars": "cars196"}
 _NAMES = ("cub", "cars196", "omniglot", "folder")
 
@@ -245,6 +248,9 @@ def validation_classes(num_classes: int, val_classes, *, seed: int = 0) -> np.nd
     count = (int(np.floor(val_classes * num_classes)) if val_classes < 1 else int(val_classes))
     if val_classes < 1 and count < 2:
         return np.zeros(0, np.int32)
+    if count < 2:
+        raise ValueError(f"data.val_classes={val_classes!r}: a count must be >= 2 (retrieval "
+                         "needs two classes)")
     if count > num_classes - 2:
         raise ValueError(f"data.val_classes={val_classes!r}: holds out {count} of the "
                          f"{num_classes} training classes; at least 2 must remain to train on")
@@ -262,6 +268,24 @@ def split_validation(train: Dataset, val_classes, *, seed: int = 0) -> tuple[Dat
             train.select(np.flatnonzero(held_out), split="val"))
 
 
+def _validation_split(train: Dataset, val_classes, seed: int):
+    """(training record, validation record or None) for `data.val_classes`: a share that
+    leaves fewer than MIN_VALIDATION_IMAGES images holds nothing out (logged); a count that
+    does is a ValueError naming data.val_classes."""
+    if not val_classes:
+        return train, None
+    kept, val = split_validation(train, val_classes, seed=seed)
+    if len(val) >= MIN_VALIDATION_IMAGES:
+        return kept, val
+    if isinstance(val_classes, int):
+        raise ValueError(f"data.val_classes={val_classes}: the validation classes hold "
+                         f"{len(val)} images; evaluating them needs at least "
+                         f"{MIN_VALIDATION_IMAGES} (Recall@8), so hold out more classes or 0")
+    logger.warning("data.val_classes=%s holds out %d images, fewer than the %d an evaluation "
+                   "needs: no validation split", val_classes, len(val), MIN_VALIDATION_IMAGES)
+    return train, None
+
+
 def load(config_data, *, split: str, dataset: Dataset | None = None,
          progress: bool = True) -> ImageSplit | None:
     """The `split` ("train", "val" or "test") of the configured dataset with its image cache.
@@ -276,11 +300,11 @@ def load(config_data, *, split: str, dataset: Dataset | None = None,
         raise ValueError(f"split: expected one of {SPLITS}, got {split!r}")
     full = dataset if dataset is not None else build_dataset(config_data, progress=progress)
     part = full.subset("test" if split == "test" else "train")
-    if split != "test" and cfg["val_classes"]:
-        train, val = split_validation(part, cfg["val_classes"], seed=cfg["val_seed"])
+    if split != "test":
+        train, val = _validation_split(part, cfg["val_classes"], cfg["val_seed"])
         part = train if split == "train" else val
-    if split == "val" and not (cfg["val_classes"] and len(part)):
-        return None
+        if split == "val" and val is None:
+            return None
     images = cached_images(part, cfg["cache_dir"], image_size=cfg["image_size"],
                            channels=cfg["channels"], num_workers=cfg["num_workers"] or None,
                            progress=progress)
