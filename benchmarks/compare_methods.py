@@ -1173,6 +1173,11 @@ def main(argv=None) -> None:
     commands = distinct_commands(history, command)
     results = write_report(args, names, seeds, commands)
     print(f"report: {results}")
+    exit_for(failures, stopped)
+
+
+def exit_for(failures: Sequence[str], stopped: bool) -> None:
+    """Exit status 1 naming the failed runs, 143 after SIGTERM, else return."""
     if failures:
         print("failed runs (rerun the same command to retry):\n  " + "\n  ".join(failures),
               file=sys.stderr)

@@ -39,7 +39,6 @@ import dataclasses
 import datetime
 import math
 import shlex
-import signal
 import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -314,12 +313,7 @@ def main(argv=None) -> None:
     report, winner = write_report(args, cm.distinct_commands(history, invocation))
     print(f"report: {report}")
     print(f"winner: {winner.name if winner else '(study not complete)'}")
-    if failures:
-        print("failed runs (rerun the same command to retry):\n  " + "\n  ".join(failures),
-              file=sys.stderr)
-        sys.exit(1)
-    if stopped:
-        sys.exit(128 + signal.SIGTERM)
+    cm.exit_for(failures, stopped)
 
 
 if __name__ == "__main__":

@@ -40,6 +40,8 @@ CONTRACT = {
     # DESIGN's "config_or_kwargs": a config positionally, or keyword overrides (checked below).
     "smine_jax.controller.init": (["config"], {}),
     "smine_jax.controller.update": (["state", "training_error"], {}),
+    "smine_jax.controller.calibrate_kappa": (
+        ["neighbour_ids", "neighbour_sq_dists", "labels"], {"share": 0.5}),
     "smine_jax.train.train_and_evaluate": (["config", "workdir"], {}),
 }
 
