@@ -545,11 +545,15 @@ def _scaled_epoch_lines(finished: Mapping) -> list[str]:
 def _command_lines(command: str | Sequence[str]) -> list[str]:
     """The Setup section's command line(s): one command, or the list that trained the runs."""
     commands = [command] if isinstance(command, str) else list(command)
+    shared = (["- **Some runs trained two at a time** (`--shard`, each invocation pinned to one "
+               "core with `taskset`): their seconds come from a shared machine and one core, "
+               "not comparable with runs that had both cores."]
+              if any("--shard" in c for c in commands) else [])
     if len(commands) == 1:
-        return [f"- Command: `{commands[0]}`"]
+        return [f"- Command: `{commands[0]}`", *shared]
     return ["- Commands that trained the runs, in order (the workdirs are the cache: a run is "
             "trained by the first command that names it and resumed or skipped by later ones):",
-            *[f"  - `{c}`" for c in commands]]
+            *[f"  - `{c}`" for c in commands], *shared]
 
 
 def results_markdown(runs: Mapping[str, Mapping[int, list]], *, variants: Sequence[str],

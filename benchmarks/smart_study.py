@@ -166,6 +166,7 @@ def setting_row(setting: Setting, records: Sequence[Mapping], epochs: int) -> li
     return [f"`{setting.name}`", str(setting.stage), f"`{setting.variant}`", overrides,
             cm._cell(100 * val_score(records, epochs), "{:.1f}"),
             _numbers([100 * r["val"][SCORE] for r in val], "{:.1f}"),
+            cm._cell(100 * val[-1]["val"]["map@r"] if val else None, "{:.1f}"),
             cm._cell(100 * val[-1]["val"]["nmi"] if val else None, "{:.1f}"),
             _numbers([r["kappa"] for r in mining], "{:.1f}"),
             _numbers(signal_values),
@@ -181,7 +182,7 @@ def study_markdown(settings: Sequence[Setting], runs: Mapping[str, list], *, epo
     ranked = sorted(settings, key=lambda s: -scores[s.name] if math.isfinite(scores[s.name])
                     else math.inf)
     header = ["setting", "stage", "variant", "overrides", f"val R@1 at epoch {epochs}",
-              "val R@1 per evaluation", "val NMI", "κ per mining epoch",
+              "val R@1 per evaluation", "val MAP@R", "val NMI", "κ per mining epoch",
               "controller signal per mining epoch", "mined % per mining epoch",
               "lists ending inside the boundary, % of anchors"]
     rows = [setting_row(s, runs.get(s.name, []), epochs) for s in ranked]

@@ -313,6 +313,60 @@ def test_choose_triplets_draws_each_epochs_mined_triplets_uniformly():
     assert np.all(np.abs(counts[1::2] - expected) < 5 * np.sqrt(expected))
 
 
+def test_parse_shard_and_the_shared_machine_note():
+    assert cm.parse_shard(None) == (0, 1) and cm.parse_shard("1/2") == (1, 2)
+    for text in ("2/2", "-1/2", "a/b", "1"):
+        with pytest.raises(ValueError, match="^--shard"):
+            cm.parse_shard(text)
+    assert not any("two at a time" in line for line in cm._command_lines(["python x.py"]))
+    lines = cm._command_lines(["python x.py --shard 0/2", "python x.py --shard 1/2"])
+    assert any("two at a time" in line for line in lines)
+
+
+def test_controller_signal_settling_bounds_and_model_selection():
+    old = _record(3, 0.5, mining=True, kappa=4.0, error=0.52)
+    assert cm.controller_signal(old) == (0.52, cm.TARGET_ERROR)
+    new = {**old, "controller_error": 0.7, "controller_target": 0.7}
+    assert cm.controller_signal(new) == (0.7, 0.7)
+    assert math.isnan(cm.controller_signal({**new, "controller_error": None})[0])
+    records = [_record(e, 0.5, mining=e > 2, kappa=k, controller_error=x, controller_target=0.6)
+               for e, k, x in ((1, None, 0.1), (2, None, 0.1), (3, 64.0, None), (4, 8.0, 0.9),
+                               (5, 9.0, 0.62), (6, 9.5, 0.58), (7, 1.0, 0.6))]
+    assert cm.settled_epoch(records) == 5
+    assert cm.kappa_off_bounds(records, 4) is False  # κ = 1 at epoch 7
+    assert cm.kappa_off_bounds(records[:6], 4) is True
+    assert cm.kappa_off_bounds(records[:2], 4) is None
+    for record, val in zip(records, (0.5, 0.8, 0.7, 0.8, 0.6, 0.1, 0.2), strict=True):
+        record["val"] = {"recall@1": val}
+    chosen = cm.best_val_test(records)
+    assert chosen["epoch"] == 2 and chosen["recall@1"] == records[1]["test"]["recall@1"]
+    assert cm.best_val_test(records[:0]) == {}
+
+
+def test_targets_and_frozen_v1_sections(tmp_path):
+    def finals(r1s, **extra):
+        return {seed: [_record(e, r1 * (e / 6), mining=e > 2, kappa=8.0 if e > 2 else None,
+                               controller_error=0.6, controller_target=0.6, **extra)
+                       for e in range(1, 7)] for seed, r1 in enumerate(r1s)}
+
+    finished = {"smart": finals([0.80, 0.81, 0.82]),
+                "random_global": finals([0.70, 0.71, 0.72]),
+                "index_no_global": finals([0.79, 0.80, 0.81]),
+                "smart_manual": finals([0.60, 0.61, 0.62])}
+    text = "\n".join(cm.targets_markdown(finished))
+    assert "`smart` − `random_global` = +10.0 points" in text and "**met**" in text
+    assert "within 5 epochs: mean curve 6 (per seed 6, 6, 6): **missed**" in text
+    assert "settled from epoch 3, 3, 3" in text
+    assert "`smart` − `smart_manual` (the controller): R@1 +20.0 (p = " in text
+    frozen = tmp_path / "RESULTS_v1.md"
+    frozen.write_text("# x\n\n## Test metrics after 20 epochs\n\n| method | n |\n|---|---|\n"
+                      "| `smart` | 3 |\n| `semihard` | 3 |\n\n## Convergence\n| `smart` | 9 |\n")
+    section = cm.v1_markdown(frozen)
+    assert "| `smart (v1)` | 3 |" in section and "| `semihard (v1)` | 3 |" in section
+    assert "| `smart` | 9 |" not in section and section[0].startswith("## SPEC v1 rows")
+    assert cm.v1_markdown(tmp_path / "absent.md") == []
+
+
 def test_run_commands():
     command = cm.run_command("semihard", 2, workdir=Path("/r/semihard/seed2"), epochs=7,
                              data_dir=Path("/d"), smoke=True, overrides=["mining.k=5"])
