@@ -210,13 +210,19 @@ save_and_show(figure, "01_recall_at_1.png")
 '''),
     ("markdown", r'''## κ and the training error
 
-The training error e is the fraction of the epoch's triplets with a non-zero ratio loss. The
-first epochs train on random triplets only; from then on the controller fits κ = α·e + β to
-the recent (κ, e) pairs and picks the κ expected to bring e to the target (dashed).'''),
+The training error e is the fraction of the epoch's triplets with a non-zero ratio loss; the
+controller steers by it over every triplet or over the mined ones only
+(`controller.error_on`, logged as `controller_error`). The first epochs train on random
+triplets only; from then on the controller fits κ = α·e + β to the recent (κ, e) pairs and
+picks the κ expected to bring e to the target (dashed).'''),
     ("code", r'''mining_records = [record for record in records if record["mining"]]
+signal = [r["controller_error"] if r["controller_error"] is not None else float("nan")
+          for r in records]
 figure, error_axis = plt.subplots(figsize=(6, 3.6), layout="constrained")
 error_axis.plot([r["epoch"] for r in records], [r["training_error"] for r in records], "o-",
-                color="tab:blue", label="training error")
+                color="tab:blue", alpha=0.5, label="training error (all triplets)")
+error_axis.plot([r["epoch"] for r in records], signal, "^-", color="tab:blue",
+                label=f"controller's signal ({config.controller.error_on})")
 error_axis.axhline(config.controller.target_error, color="tab:blue", linestyle="--",
                    alpha=0.6, label="target error")
 error_axis.set(xlabel="epoch", ylabel="training error", ylim=(0, 1.05))
