@@ -62,14 +62,18 @@ def _flag_error_text(error: Exception) -> str:
 
 
 def _unknown_field_text(error: Exception, argv: list[str]) -> str:
-    """ml_collections reports an override of a field that does not exist as a bare
-    AttributeError / KeyError holding the field name: name the flag instead."""
-    names = re.findall(r"'([^'\"]+)'", str(error))
+    """ml_collections reports an override of a field that does not exist as an AttributeError /
+    KeyError holding the field name (quoted, escaped once or twice) and, for a near miss, a
+    hint 'Did you mean "epochs" instead of "epochz"?': name the flag and keep the hint."""
+    text = str(error).replace("\\", "")
+    hint = re.search(r'Did you mean "([^"]+)" instead of "([^"]+)"', text)
+    names = [hint.group(2)] if hint else re.findall(r"'([A-Za-z0-9_.]+)'", text)
+    suggestion = f' (did you mean "{hint.group(1)}"?)' if hint else ""
     for arg in argv[1:]:
         flag = arg.split("=", 1)[0]
         if names and flag.startswith("--config.") and names[-1] in flag.split("."):
-            return f"{flag}: no such field in the config"
-    return f"--config: no such field {names[-1] if names else error!s}"
+            return f"{flag}: no such field in the config{suggestion}"
+    return f"--config: no such field {names[-1] if names else _one_line(str(error))}{suggestion}"
 
 
 def _parse_flags(argv: list[str]) -> list[str]:
