@@ -71,22 +71,39 @@ def flatten(tree: dict, prefix: str = "") -> dict:
     return flat
 
 
+def _resolved(value) -> str | None:
+    """A path field's folder as an absolute, symlink-free path ("" and None stay as they are)."""
+    return str(Path(str(value)).expanduser().resolve()) if value else value
+
+
 def prepare_workdir(workdir: Path, config, *, resuming: bool,
-                    resumable_fields: tuple[str, ...] = (), dataset: dict | None = None) -> None:
-    """Writes workdir/config.json (config, package versions, git revision, and `dataset`: the
-    image and class counts the run found, so a run with `data.strict_counts=False` records them).
+                    resumable_fields: tuple[str, ...] = (), dataset: dict | None = None,
+                    path_fields: tuple[str, ...] = ()) -> None:
+    """Writes workdir/config.json (config, package versions, git revision, `dataset`: the
+    image and class counts the run found, so a run with `data.strict_counts=False` records
+    them, and `paths`: the `path_fields` resolved to absolute paths).
 
     When resuming, the saved config must equal `config` up to `resumable_fields`, else
-    ValueError naming --workdir and the differing fields.
+    ValueError naming --workdir and the differing fields; a path field only differs when it
+    names another folder (`../data` and its absolute spelling are the same).
     """
     path = workdir / "config.json"
     current = as_json(config.to_dict())
+    new_paths = {name: _resolved(flatten(current).get(name)) for name in path_fields}
     if resuming and path.is_file():
-        saved = json.loads(path.read_text())["config"]
+        record = json.loads(path.read_text())
+        saved = record["config"]
         old, new = flatten(saved), flatten(current)
+        old_paths = record.get("paths") or {}
+
+        def same(name):
+            if old.get(name, "<absent>") == new.get(name, "<absent>"):
+                return True
+            return name in path_fields and old_paths.get(
+                name, _resolved(old.get(name))) == new_paths[name]
+
         changed = sorted(name for name in set(old) | set(new)
-                         if old.get(name, "<absent>") != new.get(name, "<absent>")
-                         and name not in resumable_fields)
+                         if not same(name) and name not in resumable_fields)
         if changed:
             details = ", ".join(f"{name}: {old.get(name, '<absent>')!r} -> "
                                 f"{new.get(name, '<absent>')!r}" for name in changed[:6])
@@ -99,7 +116,7 @@ def prepare_workdir(workdir: Path, config, *, resuming: bool,
                   "git_revision": _git_revision(),
                   "written": datetime.datetime.now().isoformat(timespec="seconds"),
                   "process_count": jax.process_count(), "device_count": jax.device_count(),
-                  "dataset": dataset}
+                  "dataset": dataset, "paths": new_paths}
         fileio.write_text_atomically(
             path, json.dumps(record, indent=2, sort_keys=True, default=str) + "\n")
 

@@ -90,6 +90,9 @@ RESUMABLE_FIELDS = (
     "train.prefetch", "data.num_workers", "data.cache_dir", "data.download_url",
 )
 
+# Config fields that name a file or folder: a resumed run may spell them differently.
+PATH_FIELDS = ("data.dir", "model.init_from")
+
 # Independent random streams of one run: fold_in(fold_in(base key, stream), ...).
 _INIT, _MINE, _ASSEMBLE, _RANDOM, _STEP, _BATCHES, _ANCHORS = range(7)
 
@@ -982,7 +985,8 @@ def _train(trainer: _Trainer, checkpoints: _Checkpoints, best: _BestByValidation
     config, workdir = trainer.config, trainer.workdir
     latest = checkpoints.latest()
     logs.prepare_workdir(workdir, config, resuming=latest is not None,
-                         resumable_fields=RESUMABLE_FIELDS, dataset=trainer.dataset_counts())
+                         resumable_fields=RESUMABLE_FIELDS, dataset=trainer.dataset_counts(),
+                         path_fields=PATH_FIELDS)
     state, meta = trainer.initial_state, {}
     if latest is not None:
         state, meta = checkpoints.restore(latest, _abstract(trainer.initial_state))

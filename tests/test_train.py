@@ -248,6 +248,31 @@ def test_validation_split_best_checkpoint_and_the_study_options(folder, tmp_path
         assert records[-1]["best_val"]["epoch"] == best_epoch
 
 
+def test_resume_accepts_the_same_folder_spelled_differently(tmp_path, monkeypatch):
+    data_dir = tmp_path / "data" / "omniglot"
+    data_dir.mkdir(parents=True)
+    (tmp_path / "link").symlink_to(tmp_path / "data")
+    monkeypatch.chdir(tmp_path)
+    workdir = tmp_path / "run"
+    workdir.mkdir()
+
+    def config(path):
+        return ml_collections.ConfigDict({"data": {"dir": str(path)}, "train": {"epochs": 3}})
+
+    logs.prepare_workdir(workdir, config("data/omniglot"), resuming=False,
+                         path_fields=train.PATH_FIELDS[:1])
+    saved = json.loads((workdir / "config.json").read_text())
+    assert saved["paths"] == {"data.dir": str(data_dir.resolve())}
+    for same in (data_dir, "./data/../data/omniglot", tmp_path / "link" / "omniglot"):
+        logs.prepare_workdir(workdir, config(same), resuming=True,
+                             path_fields=train.PATH_FIELDS[:1])
+    other = tmp_path / "copy"
+    other.mkdir()
+    with pytest.raises(ValueError, match=r"--workdir=.*data\.dir: "):
+        logs.prepare_workdir(workdir, config(other), resuming=True,
+                             path_fields=train.PATH_FIELDS[:1])
+
+
 @struct.dataclass
 class _TinyState:
     step: jax.Array
