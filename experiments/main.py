@@ -6,7 +6,8 @@
 `--config` is an ml_collections config file whose `get_config(arg)` takes the text after the
 colon (variants); `--config.a.b=v` overrides a field. Rerunning the same command resumes from
 the workdir's latest checkpoint. A bad flag or setting ends with one line `error: ...` naming
-the flag, exit status 2 (no traceback); SIGTERM saves a checkpoint and exits with status 143.
+the flag, exit status 2 (no traceback); SIGTERM saves a checkpoint and exits with status 143,
+Ctrl-C (SIGINT) the same with status 130.
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs
 _SECTIONS = ("data.", "model.", "train.", "optimizer.", "loss.", "mining.", "controller.",
              "subset.")
 EXIT_USAGE = 2
-EXIT_PREEMPTED = 128 + 15
+EXIT_INTERRUPTED = 128 + 2  # Ctrl-C (SIGINT); a checkpointed stop exits 128 + its signal
 
 
 def _one_line(message: str) -> str:
@@ -119,7 +120,11 @@ def _main(dataset: str, argv: list[str]) -> None:
         _usage_error(str(error))
     except train.Preempted as error:
         logging.warning("%s", error)
-        sys.exit(EXIT_PREEMPTED)
+        sys.exit(128 + error.signum)
+    except KeyboardInterrupt:  # Ctrl-C before the training loop: nothing to save yet
+        print("error: interrupted (Ctrl-C) before training started; nothing was saved, rerun "
+              "the same command", file=sys.stderr)
+        sys.exit(EXIT_INTERRUPTED)
     print(json.dumps({"final_test_metrics": results}, sort_keys=True))
 
 

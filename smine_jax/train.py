@@ -98,7 +98,12 @@ _INIT, _MINE, _ASSEMBLE, _RANDOM, _STEP, _BATCHES, _ANCHORS = range(7)
 
 
 class Preempted(RuntimeError):
-    """Training stopped on SIGTERM after saving a checkpoint; rerun the same command."""
+    """Training stopped on SIGTERM or SIGINT (Ctrl-C) after saving a checkpoint; rerun the
+    same command. `signum` is the signal (the command line exits with 128 + signum)."""
+
+    def __init__(self, message: str, signum: int = signal.SIGTERM):
+        super().__init__(message)
+        self.signum = int(signum)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -454,23 +459,33 @@ class _EpochTrainTime(NamedTuple):
 
 
 class _PreemptionGuard:
-    """Turns SIGTERM into a request to stop after the current step (main thread only).
+    """Turns SIGTERM and SIGINT (Ctrl-C) into a request to stop after the current step (main
+    thread only); `name` and `signum` say which came.
 
     Multi-process runs ask jax's preemption sync point instead, so that every process stops
     at the same step (it needs jax.distributed.initialize, which installs its own notifier).
     """
 
+    SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
     def __init__(self):
         self._requested = False
-        self._previous = None
+        self._previous = {}
+        self.signum = signal.SIGTERM
+
+    @property
+    def name(self) -> str:
+        return signal.Signals(self.signum).name
 
     def __enter__(self):
         if jax.process_count() == 1 and threading.current_thread() is threading.main_thread():
-            self._previous = signal.signal(signal.SIGTERM, self._handle)
+            self._previous = {signum: signal.signal(signum, self._handle)
+                              for signum in self.SIGNALS}
         return self
 
     def _handle(self, signum, frame):
-        logger.warning("SIGTERM: stopping after the current step")
+        self.signum = signum
+        logger.warning("%s: stopping after the current step", self.name)
         self._requested = True
 
     def requested(self, step: int) -> bool:
@@ -481,8 +496,8 @@ class _PreemptionGuard:
         return self._requested
 
     def __exit__(self, *exc_info):
-        if self._previous is not None:
-            signal.signal(signal.SIGTERM, self._previous)
+        for signum, previous in self._previous.items():
+            signal.signal(signum, previous)
         return False
 
 
@@ -1037,9 +1052,9 @@ def _train(trainer: _Trainer, checkpoints: _Checkpoints, best: _BestByValidation
                     **per_step, **train_time.checkpoint_meta(), **best.meta()})
                 if mid_epoch_step is not None:  # keep one mid-epoch checkpoint at most
                     checkpoints.delete(mid_epoch_step)
-                raise Preempted(f"SIGTERM: saved step {int(state.step)} (epoch {epoch}, step "
-                                f"{position} of {trainer.steps_per_epoch}); rerun the same "
-                                "command to resume")
+                raise Preempted(f"{guard.name}: saved step {int(state.step)} (epoch {epoch}, "
+                                f"step {position} of {trainer.steps_per_epoch}); rerun the "
+                                "same command to resume", guard.signum)
             training_error = float(np.mean(per_step["batch_errors"]))
             num_mined = float(np.sum(per_step["batch_mined"]))
             mined_error = (float(np.sum(per_step["batch_mined_violations"])) / num_mined
@@ -1090,8 +1105,8 @@ def _train(trainer: _Trainer, checkpoints: _Checkpoints, best: _BestByValidation
                 mid_epoch_step = None
             epoch_start_state = state
             if epoch < epochs and guard.requested(int(state.step)):
-                raise Preempted(f"SIGTERM: saved epoch {epoch}; rerun the same command to "
-                                "resume")
+                raise Preempted(f"{guard.name}: saved epoch {epoch}; rerun the same command "
+                                "to resume", guard.signum)
     if final is None:  # nothing left to train: evaluate the restored state
         final = trainer.evaluate(state)
     if best.epoch is not None:

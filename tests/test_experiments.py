@@ -203,7 +203,7 @@ def _epoch_records(workdir: Path) -> list[dict]:
 
 
 @pytest.mark.slow
-def test_resume_after_sigkill_and_sigterm_ends_with_identical_metrics(tmp_path):
+def test_resume_after_sigkill_sigterm_and_ctrl_c_ends_with_identical_metrics(tmp_path):
     data_dir = make_omniglot_folder(tmp_path / "omniglot", num_classes=16, per_class=24,
                                     size=48)
     args = ["--config=experiments/configs/omniglot.py:smoke", f"--config.data.dir={data_dir}",
@@ -226,13 +226,17 @@ def test_resume_after_sigkill_and_sigterm_ends_with_identical_metrics(tmp_path):
     assert watcher.finish() == -signal.SIGKILL
     assert [r["epoch"] for r in _epoch_records(workdir)] == [1]
 
-    # SIGTERM in the middle of epoch 3 of the resumed run: a mid-epoch checkpoint, exit 143.
-    watcher = _Watcher(_cli(*args, f"--workdir={workdir}", env=env, stderr=subprocess.PIPE))
-    watcher.wait_for("epoch 3:")
-    watcher.process.send_signal(signal.SIGTERM)
-    assert watcher.finish() == 143, watcher.text[-3000:]
-    assert "SIGTERM: saved step" in watcher.text
-    assert [r["epoch"] for r in _epoch_records(workdir)] == [1, 2]
+    # SIGTERM in the middle of epoch 3 of the resumed run: a mid-epoch checkpoint, exit 143;
+    # then Ctrl-C (SIGINT) in the same epoch of the next run: the same, exit 130.
+    for signum, status in ((signal.SIGTERM, 143), (signal.SIGINT, 130)):
+        watcher = _Watcher(_cli(*args, f"--workdir={workdir}", env=env,
+                                stderr=subprocess.PIPE))
+        watcher.wait_for("epoch 3:")
+        watcher.process.send_signal(signum)
+        assert watcher.finish() == status, watcher.text[-3000:]
+        assert f"{signum.name}: saved step" in watcher.text
+        assert "Traceback" not in watcher.text
+        assert [r["epoch"] for r in _epoch_records(workdir)] == [1, 2]
 
     resumed = _run_cli(*args, f"--workdir={workdir}", env=env)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
