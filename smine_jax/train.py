@@ -97,6 +97,17 @@ PATH_FIELDS = ("data.dir", "model.init_from")
 _INIT, _MINE, _ASSEMBLE, _RANDOM, _STEP, _BATCHES, _ANCHORS = range(7)
 
 
+class Diverged(RuntimeError):
+    """Training stopped at a non-finite loss, gradient or update; the message names the epoch,
+    the step and the last checkpoint (nothing non-finite is ever saved)."""
+
+
+class _NonFiniteStep(Exception):
+    def __init__(self, position: int, step: int):
+        super().__init__(position, step)
+        self.position, self.step = position, step
+
+
 class Preempted(RuntimeError):
     """Training stopped on SIGTERM or SIGINT (Ctrl-C) after saving a checkpoint; rerun the
     same command. `signum` is the signal (the command line exits with 128 + signum)."""
@@ -266,8 +277,11 @@ def make_train_step(model, objective: Callable, augment: Callable) -> Callable:
     Pure: the augmentation and objective keys are fold_in(rng, step), the images are augmented
     inside the step (random crop, flip, normalisation), the forward pass runs in train mode on
     all the batch's images at once (one set of batch-norm statistics), and m holds the step's
-    scalar `loss`, `training_error`, and the counts `num_mined` and `mined_violations` of the
-    mined triplets (`mined`) and of those with J_t > 0.
+    scalar `loss`, `training_error`, the counts `num_mined` and `mined_violations` of the
+    mined triplets (`mined`) and of those with J_t > 0, and `finite`: whether the loss, the
+    gradients and the updated variables are all finite. A non-finite step leaves the state as
+    it was (only `step` advances), so a diverging run never holds, nor saves, NaN or inf; the
+    loop stops at the next check of `finite` (`_run_steps`).
     """
 
     def train_step(state: TrainState, images, labels, mask, mined):
@@ -287,14 +301,27 @@ def make_train_step(model, objective: Callable, augment: Callable) -> Callable:
         (loss, (aux, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
             state.params)
         updates, opt_state = state.tx.update(grads, state.opt_state, state.params)
-        new_state = state.replace(step=state.step + 1, params=optax.apply_updates(
-            state.params, updates), batch_stats=batch_stats, opt_state=opt_state)
+        params = optax.apply_updates(state.params, updates)
+        finite = _all_finite((loss, grads, params, batch_stats, opt_state))
+        kept = jax.tree.map(lambda new, old: jnp.where(finite, new, old),
+                            (params, batch_stats, opt_state),
+                            (state.params, state.batch_stats, state.opt_state))
+        new_state = state.replace(step=state.step + 1, params=kept[0], batch_stats=kept[1],
+                                  opt_state=kept[2])
         zero = jnp.zeros((), jnp.float32)
         return new_state, {"loss": loss, "training_error": aux["training_error"],
                            "num_mined": aux.get("num_mined", zero),
-                           "mined_violations": aux.get("mined_violations", zero)}
+                           "mined_violations": aux.get("mined_violations", zero),
+                           "finite": finite}
 
     return train_step
+
+
+def _all_finite(tree) -> jax.Array:
+    """bool[]: every floating-point leaf of `tree` is finite everywhere."""
+    checks = [jnp.all(jnp.isfinite(leaf)) for leaf in jax.tree.leaves(tree)
+              if jnp.issubdtype(jnp.result_type(leaf), jnp.floating)]
+    return jnp.all(jnp.stack(checks)) if checks else jnp.ones((), bool)
 
 
 def make_embed_fn(model, preprocess: Callable) -> Callable:
@@ -932,11 +959,30 @@ def _abstract(state: TrainState) -> TrainState:
 # The loop.
 
 
+# Steps between two looks at the train step's `finite` flags (one small device read each).
+FINITE_CHECK_EVERY = 10
+
+
+def _check_finite(step_metrics: list, checked: int, start: int, first_step: int) -> int:
+    """Raises _NonFiniteStep at the first step from `checked` on whose `finite` flag is False;
+    returns how many steps are checked now."""
+    flags = jax.device_get([values["finite"] for values in step_metrics[checked:]])
+    for offset, finite in enumerate(flags):
+        if not finite:
+            position = start + checked + offset
+            raise _NonFiniteStep(position, first_step + position + 1)
+    return len(step_metrics)
+
+
 def _run_steps(trainer: _Trainer, state: TrainState, plan: _EpochPlan, start: int,
                guard: _PreemptionGuard, progress) -> tuple[TrainState, list, bool]:
-    """Train steps `start`.. of the epoch's plan; returns (state, per-step metrics, stopped)."""
+    """Train steps `start`.. of the epoch's plan; returns (state, per-step metrics, stopped).
+
+    Raises _NonFiniteStep (position in the epoch, global step) when a step was not finite,
+    found by a look at the steps' flags every FINITE_CHECK_EVERY steps and at the end.
+    """
     labels = trainer.labels
-    step_metrics = []
+    step_metrics, checked = [], 0
     # The global step after each position, known on the host: no device sync per step.
     first_step = int(state.step) - start
     positions = range(start, trainer.steps_per_epoch)
@@ -955,9 +1001,13 @@ def _run_steps(trainer: _Trainer, state: TrainState, plan: _EpochPlan, start: in
                 latest = jax.device_get(values)
                 progress.set_postfix(loss=f"{latest['loss']:.4f}",
                                      error=f"{latest['training_error']:.3f}")
+            if len(step_metrics) - checked >= FINITE_CHECK_EVERY:
+                checked = _check_finite(step_metrics, checked, start, first_step)
             if (position + 1 < trainer.steps_per_epoch
                     and guard.requested(first_step + position + 1)):
+                _check_finite(step_metrics, checked, start, first_step)
                 return state, step_metrics, True
+        _check_finite(step_metrics, checked, start, first_step)
     finally:
         if hasattr(images, "close"):
             images.close()
@@ -1039,8 +1089,18 @@ def _train(trainer: _Trainer, checkpoints: _Checkpoints, best: _BestByValidation
             train_started = time.perf_counter()
             with tqdm(total=trainer.steps_per_epoch, initial=start, desc=f"epoch {epoch}",
                       unit="step", disable=not show_progress, leave=False) as progress:
-                state, step_metrics, stopped = _run_steps(trainer, state, plan, start, guard,
-                                                          progress)
+                try:
+                    state, step_metrics, stopped = _run_steps(trainer, state, plan, start,
+                                                              guard, progress)
+                except _NonFiniteStep as bad:
+                    last = checkpoints.latest()
+                    raise Diverged(
+                        f"non-finite loss, gradient or update at epoch {epoch}, step "
+                        f"{bad.position + 1} of {trainer.steps_per_epoch} (global step "
+                        f"{bad.step}); nothing after the last checkpoint was saved: "
+                        + (f"step {last} in {workdir / 'checkpoints'}" if last is not None
+                           else "no checkpoint yet")
+                        + "; lower optimizer.learning_rate or look at the data") from None
             values = jax.device_get(step_metrics)
             for metric, name in _STEP_METRICS.items():
                 per_step[name] += [float(value[metric]) for value in values]

@@ -273,6 +273,41 @@ def test_resume_accepts_the_same_folder_spelled_differently(tmp_path, monkeypatc
                              path_fields=train.PATH_FIELDS[:1])
 
 
+def test_a_non_finite_step_keeps_the_state_and_stops_the_run(folder, tmp_path):
+    data_dir, cache_dir = folder
+    config = tiny_config(data_dir, cache_dir, optimizer={"learning_rate": 1e30},
+                         train={"epochs": 2})
+    model = models.build_model(config.model)
+    augment, _ = train.data.preprocessors(config.data)
+    step = jax.jit(train.make_train_step(model, train.make_objective(config), augment))
+    state = train.create_train_state(config, model, (16, 16, 1), 5)
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, (16, 3, 16, 16, 1)).astype(np.uint8)
+    labels = np.repeat(np.arange(4), 4).astype(np.int32)
+    mask, mined = np.ones(16, bool), np.zeros(16, bool)
+    finite_flags = []
+    for _ in range(4):
+        before = jax.device_get(state)
+        state, values = step(state, images, labels, mask, mined)
+        finite_flags.append(bool(values["finite"]))
+        leaves = jax.tree.leaves(jax.device_get((state.params, state.batch_stats)))
+        assert all(np.isfinite(leaf).all() for leaf in leaves)
+        if not finite_flags[-1]:  # the update was skipped: the variables are as before
+            for got, want in zip(leaves, jax.tree.leaves((before.params, before.batch_stats)),
+                                 strict=True):
+                np.testing.assert_array_equal(got, want)
+        assert int(state.step) == int(before.step) + 1
+    assert not all(finite_flags)
+
+    workdir = tmp_path / "run"
+    with pytest.raises(train.Diverged, match=r"^non-finite loss, gradient or update at epoch 1, "
+                       r"step \d+ of 5 \(global step \d+\); nothing after the last checkpoint "
+                       r"was saved: no checkpoint yet"):
+        train.train_and_evaluate(config, workdir)
+    assert not list((workdir / "checkpoints").glob("[0-9]*"))
+    assert not (workdir / "metrics.jsonl").exists() or not _records(workdir)
+
+
 @struct.dataclass
 class _TinyState:
     step: jax.Array

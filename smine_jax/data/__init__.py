@@ -275,6 +275,8 @@ def _validation_split(train: Dataset, val_classes, seed: int):
     if not val_classes:
         return train, None
     kept, val = split_validation(train, val_classes, seed=seed)
+    if not len(val):  # a share below two classes: nothing held out
+        return train, None
     if len(val) >= MIN_VALIDATION_IMAGES:
         return kept, val
     if isinstance(val_classes, int):
