@@ -118,7 +118,7 @@ def _main(dataset: str, argv: list[str]) -> None:
         results = train.train_and_evaluate(config, _WORKDIR.value)
     except ValueError as error:
         _usage_error(str(error))
-    except train.Diverged as error:
+    except (train.Diverged, train.CheckpointError) as error:
         print(f"error: {_one_line(str(error))}", file=sys.stderr)
         sys.exit(1)
     except train.Preempted as error:

@@ -102,6 +102,15 @@ class Diverged(RuntimeError):
     the step and the last checkpoint (nothing non-finite is ever saved)."""
 
 
+class CheckpointError(RuntimeError):
+    """No checkpoint in the workdir restores; the message names the directory."""
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0][:300] if text else ""
+
+
 class _NonFiniteStep(Exception):
     def __init__(self, position: int, step: int):
         super().__init__(position, step)
@@ -853,12 +862,59 @@ class _Checkpoints:
         import orbax.checkpoint as ocp
 
         self.ocp = ocp
+        self.directory = directory
         self.manager = ocp.CheckpointManager(
             os.fspath(directory.absolute()),
             options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True))
 
     def latest(self) -> int | None:
         return self.manager.latest_step()
+
+    def restore_newest(self, initial_state: TrainState):
+        """(step, state, meta, state at the start of its epoch) of the newest checkpoint that
+        restores, with the checkpoint of its epoch's start for a mid-epoch one (the initial
+        state before the first checkpoint).
+
+        A damaged checkpoint (truncated or missing file, invalid JSON) is skipped with a
+        warning naming it and moved to `<dir>_damaged/<step>` (kept, out of the way of the
+        steps the run saves again). If none restores: CheckpointError naming the directory.
+        """
+        damaged: list[tuple[int, str]] = []
+        for step in sorted(self.manager.all_steps(), reverse=True):
+            try:
+                state, meta = self.restore(step, _abstract(initial_state))
+                start = state
+                if meta.get("position") is not None:
+                    start_step = meta.get("epoch_start_step")
+                    start = (initial_state if start_step is None else
+                             self.restore(start_step, _abstract(initial_state))[0])
+            except Exception as error:  # any failure to read it: try an older checkpoint
+                reason = f"{type(error).__name__}: {_first_line(error)}"
+                logger.warning("checkpoint %s does not restore (%s); trying an older one",
+                               self.directory / str(step), reason)
+                damaged.append((step, reason))
+                continue
+            if damaged:
+                self._set_aside([step for step, _ in damaged])
+                logger.warning("resuming from step %d instead of the damaged step(s) %s, moved "
+                               "to %s", step, [s for s, _ in damaged],
+                               self.directory.with_name(self.directory.name + "_damaged"))
+            return step, state, meta, start
+        newest, reason = damaged[0]
+        raise CheckpointError(
+            f"{self.directory}: no checkpoint restores (the newest, step {newest}: {reason}); "
+            "move the folder aside to start afresh")
+
+    def _set_aside(self, steps) -> None:
+        if jax.process_index() == 0:
+            aside = self.directory.with_name(self.directory.name + "_damaged")
+            aside.mkdir(exist_ok=True)
+            for step in steps:
+                target = aside / str(step)
+                shutil.rmtree(target, ignore_errors=True)
+                os.replace(self.directory / str(step), target)
+        _sync(f"damaged checkpoints moved {self.directory}")
+        self.manager.reload()
 
     def restore(self, step: int, abstract_state: TrainState) -> tuple[TrainState, dict]:
         ocp = self.ocp
@@ -1052,18 +1108,15 @@ def _train(trainer: _Trainer, checkpoints: _Checkpoints, best: _BestByValidation
     logs.prepare_workdir(workdir, config, resuming=latest is not None,
                          resumable_fields=RESUMABLE_FIELDS, dataset=trainer.dataset_counts(),
                          path_fields=PATH_FIELDS)
-    state, meta = trainer.initial_state, {}
+    state = epoch_start_state = trainer.initial_state
+    meta: dict = {}
     if latest is not None:
-        state, meta = checkpoints.restore(latest, _abstract(trainer.initial_state))
+        latest, state, meta, epoch_start_state = checkpoints.restore_newest(
+            trainer.initial_state)
         logger.info("resuming from %s, step %d (epoch %s, position %s)",
                     workdir / "checkpoints", latest, meta.get("epoch"), meta.get("position"))
-    # A mid-epoch checkpoint: rebuild the epoch's plan from the epoch's starting state.
+    # A mid-epoch checkpoint: the epoch's plan is rebuilt from the epoch's starting state.
     mid_epoch_step = latest if meta.get("position") is not None else None
-    epoch_start_state = state
-    if mid_epoch_step is not None and meta.get("epoch_start_step") is not None:
-        epoch_start_state = checkpoints.restore(meta["epoch_start_step"], _abstract(state))[0]
-    elif mid_epoch_step is not None:
-        epoch_start_state = trainer.initial_state
     trainer.log.truncate(int(state.epoch))
     best.resume(state, meta)
     if latest is None:

@@ -308,6 +308,52 @@ def test_a_non_finite_step_keeps_the_state_and_stops_the_run(folder, tmp_path):
     assert not (workdir / "metrics.jsonl").exists() or not _records(workdir)
 
 
+def _truncate(path: Path) -> None:
+    path.write_bytes(path.read_bytes()[: max(1, path.stat().st_size // 2)])
+
+
+def _largest_array_file(checkpoint: Path) -> Path:
+    return max((p for p in (checkpoint / "state").rglob("*") if p.is_file()
+                and p.parent.name == "d"), key=lambda p: p.stat().st_size)
+
+
+@pytest.mark.parametrize("damage", ["truncated array", "truncated meta JSON",
+                                    "invalid state metadata", "missing state metadata"])
+def test_a_damaged_latest_checkpoint_resumes_from_an_older_one(folder, tmp_path, damage):
+    data_dir, cache_dir = folder
+    config = tiny_config(data_dir, cache_dir, train={"epochs": 2})
+    reference = tmp_path / "reference"
+    expected = train.train_and_evaluate(config, reference)
+    workdir = tmp_path / "run"
+    shutil.copytree(reference, workdir)
+    latest = workdir / "checkpoints" / str(_records(reference)[-1]["step"])
+    if damage == "truncated array":
+        _truncate(_largest_array_file(latest))
+    elif damage == "truncated meta JSON":
+        _truncate(latest / "meta" / "metadata")
+    elif damage == "invalid state metadata":
+        (latest / "state" / "_METADATA").write_text("{not json")
+    else:
+        (latest / "state" / "_METADATA").unlink()
+    # The last epoch is trained again from the checkpoint before it: the same final metrics.
+    assert train.train_and_evaluate(config, workdir) == pytest.approx(expected)
+    assert [r["epoch"] for r in _records(workdir)] == [1, 2]
+    assert (workdir / "checkpoints_damaged" / latest.name).is_dir()  # kept, set aside
+    assert latest.is_dir()  # saved again
+
+
+def test_no_checkpoint_restores_is_one_error_naming_the_folder(folder, tmp_path):
+    data_dir, cache_dir = folder
+    config = tiny_config(data_dir, cache_dir, train={"epochs": 1})
+    workdir = tmp_path / "run"
+    train.train_and_evaluate(config, workdir)
+    for checkpoint in (workdir / "checkpoints").glob("[0-9]*"):
+        (checkpoint / "meta" / "metadata").write_text("")
+    with pytest.raises(train.CheckpointError, match=r"checkpoints: no checkpoint restores "
+                       r"\(the newest, step \d+: .*\); move the folder aside"):
+        train.train_and_evaluate(config, workdir)
+
+
 @struct.dataclass
 class _TinyState:
     step: jax.Array
