@@ -191,6 +191,21 @@ def test_class_folders_cut_the_sorted_class_list(tmp_path):
         sources.class_folders(tmp_path)
 
 
+def test_empty_class_folders_and_other_files_are_reported(tmp_path, caplog):
+    for name in ("a", "b", "c"):
+        _write_image(tmp_path / name / "0.png")
+    (tmp_path / "d").mkdir()  # an empty class
+    (tmp_path / "e" / "nested").mkdir(parents=True)  # another
+    (tmp_path / "a" / "notes.txt").write_text("x")
+    (tmp_path / "b" / ".hidden").write_text("x")
+    with caplog.at_level(logging.WARNING, logger="smine_jax.data.sources"):
+        dataset = sources.class_folders(tmp_path, train_fraction=0.5)
+    assert dataset.num_classes == 3
+    text = caplog.text
+    assert "skipped 2 class folder(s) without .jpg/.jpeg/.png images (d, e/nested)" in text
+    assert "skipped 1 file(s) that are not .jpg/.jpeg/.png images" in text
+
+
 # ----------------------------------------------------------------------------------------------
 # Decoding: modes, resize, errors.
 

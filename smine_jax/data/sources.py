@@ -361,17 +361,28 @@ def _class_images(sub_root: Path) -> dict[str, list[str]]:
     Omniglot's archive layout `root/<alphabet>/<character>/<image>` work. Hidden files skipped.
     """
     classes: dict[str, list[str]] = {}
+    empty, other_files = [], 0
     for folder, subfolders, files in os.walk(sub_root):
         subfolders[:] = sorted(d for d in subfolders if not d.startswith("."))
-        images = sorted(f for f in files
-                        if f.lower().endswith(IMAGE_EXTENSIONS) and not f.startswith("."))
+        visible = [f for f in files if not f.startswith(".")]
+        images = sorted(f for f in visible if f.lower().endswith(IMAGE_EXTENSIONS))
+        other_files += len(visible) - len(images)
         if not images:
+            if not subfolders and folder != str(sub_root):  # a class folder with no image
+                empty.append(os.path.relpath(folder, sub_root))
             continue
         relative = os.path.relpath(folder, sub_root)
         if relative == ".":
             raise ValueError(f"{sub_root}: holds images directly; expected one subfolder "
                              "per class (root/<class>/<image>)")
         classes[relative] = [os.path.join(relative, f) for f in images]
+    if empty:
+        shown = ", ".join(sorted(empty)[:5]) + (", ..." if len(empty) > 5 else "")
+        logger.warning("%s: skipped %d class folder(s) without %s images (%s)", sub_root,
+                       len(empty), "/".join(IMAGE_EXTENSIONS), shown)
+    if other_files:
+        logger.warning("%s: skipped %d file(s) that are not %s images", sub_root, other_files,
+                       "/".join(IMAGE_EXTENSIONS))
     return classes
 
 
