@@ -17,6 +17,7 @@ import logging as std_logging
 import os
 import re
 import sys
+from pathlib import Path
 
 from absl import app, flags, logging
 from ml_collections import config_flags
@@ -100,9 +101,29 @@ class _QuietLibraries:
         return record.levelno >= std_logging.WARNING or "orbax" not in record.pathname
 
 
+def _check_workdir(workdir: str) -> None:
+    """One usage error naming --workdir unless it is (or can become) a folder this process can
+    write in: not a file, not under one, not on a read-only file system."""
+    path = Path(workdir)
+    for folder in (path, *path.parents):
+        if folder.exists() and not folder.is_dir():
+            where = "is" if folder == path else f"lies under {folder}, which is"
+            _usage_error(f"--workdir={workdir}: {where} a file; expected a folder")
+        if folder.exists():
+            break
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        probe = path / f".write-probe-{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as error:
+        _usage_error(f"--workdir={workdir}: cannot write there ({error.strerror or error}); "
+                     "choose a writable folder")
+
+
 def _main(dataset: str, argv: list[str]) -> None:
     del argv
-    from smine_jax import train
+    from smine_jax import data, train
 
     logging.get_absl_handler().addFilter(_QuietLibraries())
 
@@ -114,10 +135,14 @@ def _main(dataset: str, argv: list[str]) -> None:
     if config.data.name != dataset:
         _usage_error(f"--config: experiments.{dataset} needs a {dataset} config, got "
                      f"data.name={config.data.name!r}")
+    _check_workdir(_WORKDIR.value)
     try:
         results = train.train_and_evaluate(config, _WORKDIR.value)
     except ValueError as error:
         _usage_error(str(error))
+    except (data.ImageReadError, data.DownloadError) as error:
+        print(f"error: {_one_line(str(error))}", file=sys.stderr)
+        sys.exit(1)
     except (train.Diverged, train.CheckpointError) as error:
         print(f"error: {_one_line(str(error))}", file=sys.stderr)
         sys.exit(1)

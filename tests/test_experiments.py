@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -140,6 +141,51 @@ def _run_cli(*args: str, env=None, timeout=300) -> subprocess.CompletedProcess:
     return subprocess.CompletedProcess(process.args, process.returncode, stdout, stderr)
 
 
+def test_workdir_errors_are_one_line_naming_the_flag(tmp_path):
+    (tmp_path / "file").write_text("x")
+    cases = [(tmp_path / "file", r"^error: --workdir=.*/file: is a file; expected a folder$"),
+             (tmp_path / "file" / "run", r"^error: --workdir=.*/file/run: lies under .*/file, "
+                                         r"which is a file; expected a folder$")]
+    readonly = tmp_path / "readonly"
+    readonly.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=1m", "tmpfs",
+                              str(readonly)], capture_output=True, check=False).returncode == 0
+    if mounted:
+        cases.append((readonly / "run", r"^error: --workdir=.*/readonly/run: cannot write there "
+                                        r"\(Read-only file system\)"))
+    try:
+        for workdir, message in cases:
+            result = _run_cli("--config=experiments/configs/omniglot.py:smoke",
+                              f"--workdir={workdir}", timeout=120)
+            lines = result.stderr.strip().splitlines()
+            assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
+            assert re.search(message, lines[-1]), lines[-1]
+    finally:
+        if mounted:
+            subprocess.run(["umount", str(readonly)], check=False)
+
+
+def test_data_errors_are_one_line_naming_the_file(tmp_path):
+    data_dir = make_omniglot_folder(tmp_path / "omniglot", num_classes=3, per_class=3)
+    broken = next((data_dir / "images_background").rglob("*.png"))
+    broken.write_bytes(broken.read_bytes()[:40])  # truncated
+    env = {"SMINE_JAX_CACHE": str(tmp_path / "cache")}
+    result = _run_cli("--config=experiments/configs/omniglot.py:smoke",
+                      f"--config.data.dir={data_dir}", f"--workdir={tmp_path / 'a'}", env=env,
+                      timeout=120)
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr[-3000:]
+    assert re.search(rf"^error: cannot read image .*{broken.name}: ", lines[-1]), lines[-1]
+    # Offline without --config.data.dir: the download fails with what to do instead.
+    result = _run_cli("--config=experiments/configs/omniglot.py:smoke",
+                      "--config.data.download_url=http://127.0.0.1:9/",
+                      f"--workdir={tmp_path / 'b'}", env=env, timeout=120)
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr[-3000:]
+    assert re.search(r"^error: cannot download Omniglot .* pass --config\.data\.dir=PATH",
+                     lines[-1]), lines[-1]
+
+
 @pytest.mark.parametrize("args,message", [
     (["--config=experiments/configs/omniglot.py:smoke,fancy"],
      r"^error: --config: unknown variant 'fancy'"),
@@ -163,8 +209,6 @@ def test_config_errors_are_one_line_naming_the_flag(tmp_path, args, message):
     lines = result.stderr.strip().splitlines()
     assert "Traceback" not in result.stderr
     assert lines[-1].startswith("error: ") and sum(line.startswith("error:") for line in lines)
-    import re
-
     assert re.search(message, lines[-1]), lines[-1]
 
 

@@ -69,6 +69,7 @@ from smine_jax.data.pipeline import (
 )
 from smine_jax.data.sources import (
     Dataset,
+    DownloadError,
     ImageReadError,
     cars_folder,
     check_official_counts,
@@ -80,7 +81,8 @@ from smine_jax.data.sources import (
 )
 
 __all__ = [
-    "Dataset", "ImageReadError", "ImageSplit", "InferenceBatch", "augment", "build_dataset",
+    "Dataset", "DownloadError", "ImageReadError", "ImageSplit", "InferenceBatch", "augment",
+    "build_dataset",
     "cache_key", "cache_path", "cached_images", "cars_folder", "center_crop",
     "check_official_counts", "class_folders", "cub_folder", "default_config", "device_batch",
     "download_omniglot", "gather", "inference_batches", "load", "m_per_class_batches",

@@ -69,6 +69,10 @@ class ImageReadError(RuntimeError):
     """An image could not be read or decoded; the message names its file (or tfds record)."""
 
 
+class DownloadError(RuntimeError):
+    """A dataset download failed or did not verify; the message says what to do offline."""
+
+
 # ----------------------------------------------------------------------------------------------
 # Readers: how to open one sample's image, how to name it in errors, how to fingerprint items.
 
@@ -496,13 +500,13 @@ def _fetch_verified(url: str, path: Path, size: int, sha256: str, timeout: float
                     digest.update(chunk)
                     out.write(chunk)
         except (urllib.error.URLError, OSError) as err:
-            raise RuntimeError(
+            raise DownloadError(
                 f"cannot download Omniglot from {url} ({err}). Offline? Put the unpacked "
                 f"{' and '.join(OMNIGLOT_SPLIT_DIRS)} folders somewhere and pass "
                 "--config.data.dir=PATH instead.") from err
         found_size = partial.stat().st_size
         if found_size != size or digest.hexdigest() != sha256:
-            raise RuntimeError(
+            raise DownloadError(
                 f"{url}: download failed verification: expected {size} bytes with sha256 "
                 f"{sha256}, got {found_size} bytes with sha256 {digest.hexdigest()}")
         os.replace(partial, path)
