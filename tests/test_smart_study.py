@@ -35,12 +35,14 @@ def _records(val_r1: float, *, test_r1: float = 0.5, epochs: int = 8) -> list[di
 def test_stage_one_is_a_fixed_grid_from_smart_v1():
     settings = study.stage_one()
     names = [s.name for s in settings]
-    assert len(names) == len(set(names)) == 12
+    assert len(names) == len(set(names)) == 14
     assert {"v1", "v1_auto", "random_global", "semihard"} <= set(names)
     mined = [s for s in settings if s.name.startswith("mined_")]
-    assert len(mined) == 6 and all(s.overrides["controller.error_on"] == "mined" for s in mined)
+    assert len(mined) == 7 and all(s.overrides["controller.error_on"] == "mined" for s in mined)
     assert {s.overrides["controller.target_error"] for s in mined} == {0.5, 0.6, 0.75}
     assert {s.overrides["mining.mined_fraction"] for s in mined} == {0.5, 1.0}
+    long_lists = [s for s in settings if s.name.endswith("_k160")]
+    assert len(long_lists) == 2 and all(s.overrides["mining.k"] == 160 for s in long_lists)
     assert all(s.variant == "smart_v1" for s in settings if s.name not in study.REFERENCES)
 
 
@@ -55,17 +57,19 @@ def test_stage_two_changes_one_option_of_the_leader():
         assert len(changed) == 1 and setting.stage == 2
     v1 = study.stage_one()[0]  # numeric κ₀: no calibration share to vary
     assert {s.name for s in study.stage_two(v1)} == {"v1+k160", "v1+T4", "v1+trust2"}
+    long_list = next(s for s in study.stage_one() if s.name.endswith("_k160"))
+    assert not any(s.name.endswith("+k160") for s in study.stage_two(long_list))
 
 
 def test_plan_grows_stage_two_once_stage_one_is_scored_and_ignores_references():
     settings, winner = study.plan({})
-    assert len(settings) == 12 and winner is None
+    assert len(settings) == 14 and winner is None
     scores = {s.name: 0.5 for s in settings}
     scores.update({"semihard": 0.99, "mined_t0.6_p1.0": 0.7})  # the reference never wins
     settings, winner = study.plan(scores)
-    assert len(settings) == 17 and winner is None  # stage 2 not scored yet
-    assert all(s.name.startswith("mined_t0.6_p1.0+") for s in settings[12:])
-    scores.update({s.name: 0.6 for s in settings[12:]})
+    assert len(settings) == 19 and winner is None  # stage 2 not scored yet
+    assert all(s.name.startswith("mined_t0.6_p1.0+") for s in settings[14:])
+    scores.update({s.name: 0.6 for s in settings[14:]})
     scores["mined_t0.6_p1.0+k160"] = 0.75
     assert study.plan(scores)[1].name == "mined_t0.6_p1.0+k160"
 
@@ -89,8 +93,8 @@ def test_the_choice_reads_validation_never_test():
     scores = {name: study.val_score(records, 8) for name, records in runs.items()}
     assert scores["v1_auto"] == pytest.approx(0.8)
     settings, _ = study.plan(scores)
-    assert all(s.name.startswith("v1_auto+") for s in settings[12:])
-    for setting in settings[12:]:
+    assert all(s.name.startswith("v1_auto+") for s in settings[14:])
+    for setting in settings[14:]:
         runs[setting.name] = _records(0.7, test_r1=0.95)
     scores = {s.name: study.val_score(runs[s.name], 8) for s in settings}
     settings, winner = study.plan(scores)
