@@ -95,10 +95,17 @@ def _parse_flags(argv: list[str]) -> list[str]:
 
 
 class _QuietLibraries:
-    """Drops the INFO chatter of orbax (tens of lines per checkpoint) from the absl log."""
+    """Drops the INFO chatter of orbax (tens of lines per checkpoint) from the absl log, and
+    orbax's own tracebacks of a write that found the disk full (the run says so in one line:
+    train.DiskFull)."""
 
     def filter(self, record) -> bool:
-        return record.levelno >= std_logging.WARNING or "orbax" not in record.pathname
+        if "orbax" not in record.pathname:
+            return True
+        if record.levelno < std_logging.WARNING:
+            return False
+        text = record.getMessage() + (str(record.exc_info[1]) if record.exc_info else "")
+        return "No space left on device" not in text and "Finalize thread" not in text
 
 
 def _check_workdir(workdir: str) -> None:
@@ -143,7 +150,7 @@ def _main(dataset: str, argv: list[str]) -> None:
     except (data.ImageReadError, data.DownloadError) as error:
         print(f"error: {_one_line(str(error))}", file=sys.stderr)
         sys.exit(1)
-    except (train.Diverged, train.CheckpointError) as error:
+    except (train.Diverged, train.CheckpointError, train.DiskFull) as error:
         print(f"error: {_one_line(str(error))}", file=sys.stderr)
         sys.exit(1)
     except train.Preempted as error:

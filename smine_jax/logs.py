@@ -242,6 +242,16 @@ class _LoggingWriter:
         pass
 
 
+def _parsed(line: str) -> dict | None:
+    """A metrics.jsonl line as a record; None for a blank or torn one (a write cut short by a
+    kill or a full disk), which a resumed run drops."""
+    try:
+        record = json.loads(line) if line.strip() else None
+    except json.JSONDecodeError:
+        return None
+    return record if isinstance(record, dict) else None
+
+
 class MetricsLog:
     """workdir/metrics.jsonl: one JSON record per epoch (process 0 writes)."""
 
@@ -253,7 +263,7 @@ class MetricsLog:
         if jax.process_index() or not self.path.is_file():
             return
         kept = [line for line in self.path.read_text().splitlines()
-                if line.strip() and json.loads(line).get("epoch", 0) <= last_epoch]
+                if (record := _parsed(line)) is not None and record.get("epoch", 0) <= last_epoch]
         fileio.write_text_atomically(self.path, "".join(line + "\n" for line in kept))
 
     def append(self, record: dict) -> None:

@@ -41,7 +41,9 @@ part of every global batch. The workdir must be on a filesystem shared by all pr
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import errno
 import itertools
 import logging
 import math
@@ -100,6 +102,10 @@ _INIT, _MINE, _ASSEMBLE, _RANDOM, _STEP, _BATCHES, _ANCHORS = range(7)
 class Diverged(RuntimeError):
     """Training stopped at a non-finite loss, gradient or update; the message names the epoch,
     the step and the last checkpoint (nothing non-finite is ever saved)."""
+
+
+class DiskFull(RuntimeError):
+    """A write into the workdir found no space left; what is on disk is consistent."""
 
 
 class CheckpointError(RuntimeError):
@@ -865,7 +871,12 @@ class _Checkpoints:
         self.directory = directory
         self.manager = ocp.CheckpointManager(
             os.fspath(directory.absolute()),
-            options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True))
+            options=ocp.CheckpointManagerOptions(
+                max_to_keep=keep, create=True, cleanup_tmp_directories=True,
+                # Saved in the calling thread: a failed write (a full disk) is an error here,
+                # at its epoch, not a background thread's traceback later. The states are
+                # small next to an epoch (MBs; ~0.1 s on Omniglot).
+                enable_async_checkpointing=False))
 
     def latest(self) -> int | None:
         return self.manager.latest_step()
@@ -935,8 +946,11 @@ class _Checkpoints:
             self.manager.delete(step)
 
     def close(self) -> None:
-        self.manager.wait_until_finished()
-        self.manager.close()
+        """Waits for the pending save (raising its error) and closes the manager either way."""
+        try:
+            self.manager.wait_until_finished()
+        finally:
+            self.manager.close()
 
 
 class _BestByValidation:
@@ -1076,7 +1090,8 @@ def train_and_evaluate(config, workdir) -> dict[str, float]:
     Resumes from workdir/checkpoints when there is a checkpoint (the config must match up to
     RESUMABLE_FIELDS). Writes workdir/config.json, workdir/metrics.jsonl and metric-writer
     summaries. Raises ValueError naming the config field for bad settings, `Preempted` after
-    saving a checkpoint on SIGTERM.
+    saving a checkpoint on SIGTERM or SIGINT, `Diverged` at a non-finite step, `DiskFull`
+    when a write finds no space (the last complete checkpoint and metrics.jsonl are kept).
     """
     from tqdm.auto import tqdm
 
@@ -1087,13 +1102,52 @@ def train_and_evaluate(config, workdir) -> dict[str, float]:
     checkpoints = _Checkpoints(workdir / "checkpoints", int(config.train.checkpoints_to_keep))
     best = _BestByValidation(workdir / "checkpoints_best")
     writer = logs.create_metric_writer(workdir)
+    closers = (checkpoints.close, best.close, writer.flush, writer.close)
     try:
-        return _train(trainer, checkpoints, best, writer, tqdm)
-    finally:
-        checkpoints.close()
-        best.close()
-        writer.flush()
-        writer.close()
+        results = _train(trainer, checkpoints, best, writer, tqdm)
+    except BaseException as error:
+        for close in closers:  # a pending save's own error must not hide the first one
+            with contextlib.suppress(Exception):
+                close()
+        if _is_disk_full(error, workdir):
+            raise DiskFull(_disk_full_message(workdir, checkpoints)) from None
+        raise
+    try:
+        for close in closers:  # the last checkpoint's write finishes (or fails) here
+            close()
+    except Exception as error:
+        if _is_disk_full(error, workdir):
+            raise DiskFull(_disk_full_message(workdir, checkpoints)) from None
+        raise
+    return results
+
+
+# Below this many free bytes, a failed write into the workdir counts as a full disk.
+_NEARLY_FULL = 1 << 20
+
+
+def _is_disk_full(error: BaseException, workdir: Path) -> bool:
+    """ENOSPC (an OSError, or the ValueError / RuntimeError of a TensorStore write), or an
+    OSError without errno (numpy's short write: "1152 requested and 992 written") while the
+    workdir's device has (almost) no space left."""
+    if isinstance(error, OSError) and error.errno == errno.ENOSPC:
+        return True
+    if isinstance(error, (ValueError, RuntimeError)) and "No space left on device" in str(error):
+        return True
+    if isinstance(error, OSError):
+        with contextlib.suppress(OSError):
+            return shutil.disk_usage(workdir).free < _NEARLY_FULL
+    return False
+
+
+def _disk_full_message(workdir: Path, checkpoints: _Checkpoints) -> str:
+    with contextlib.suppress(Exception):
+        checkpoints.manager.reload()
+    last = checkpoints.latest()
+    kept = (f"the last complete checkpoint (step {last}) and metrics.jsonl are kept"
+            if last is not None else "no checkpoint had been written yet")
+    return (f"no space left on the device of --workdir={workdir}: {kept}; free some space and "
+            "rerun the same command to resume")
 
 
 # Per-step values a mid-epoch checkpoint carries (train step metric -> meta field).

@@ -165,6 +165,44 @@ def test_workdir_errors_are_one_line_naming_the_flag(tmp_path):
             subprocess.run(["umount", str(readonly)], check=False)
 
 
+@pytest.mark.slow
+def test_a_full_disk_stops_with_one_line_and_resumes_identically(tmp_path):
+    """A workdir on a 240 kB tmpfs (needs root to mount; skipped otherwise) fills up; the run
+    stops with one line, and after the file system grows it resumes to the same metrics."""
+    data_dir = make_omniglot_folder(tmp_path / "omniglot")
+    args = ["--config=experiments/configs/omniglot.py:smoke", f"--config.data.dir={data_dir}",
+            "--config.data.image_size=16", "--config.data.crop_size=16",
+            "--config.model.width=8", "--config.model.depth=2", "--config.model.embedding_dim=16",
+            "--config.subset.max_classes=0", "--config.subset.max_per_class=0",
+            "--config.train.batch_size=16", "--config.train.embed_batch_size=32",
+            "--config.train.epochs=6", "--config.train.progress=False"]
+    env = {"SMINE_JAX_CACHE": str(tmp_path / "cache")}
+    small = tmp_path / "small"
+    small.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=240k", "tmpfs", str(small)],
+                      capture_output=True, check=False).returncode:
+        pytest.skip("cannot mount a tmpfs here (needs root)")
+    try:
+        reference = _run_cli(*args, f"--workdir={tmp_path / 'reference'}", env=env)
+        assert reference.returncode == 0, reference.stderr[-3000:]
+        full = _run_cli(*args, f"--workdir={small / 'run'}", env=env)
+        lines = full.stderr.strip().splitlines()
+        assert full.returncode == 1 and "Traceback" not in full.stderr, full.stderr[-3000:]
+        assert re.search(r"^error: no space left on the device of --workdir=.*/small/run: the "
+                         r"last complete checkpoint \(step \d+\) and metrics\.jsonl are kept",
+                         lines[-1]), lines[-1]
+        kept = [json.loads(line) for line in (small / "run" / "metrics.jsonl").read_text()
+                .splitlines() if line.endswith("}")]
+        assert kept and [r["epoch"] for r in kept] == list(range(1, len(kept) + 1))
+        subprocess.run(["mount", "-o", "remount,size=20m", str(small)], check=True)
+        resumed = _run_cli(*args, f"--workdir={small / 'run'}", env=env)
+        assert resumed.returncode == 0, resumed.stderr[-3000:]
+        assert (json.loads(resumed.stdout.strip().splitlines()[-1])
+                == json.loads(reference.stdout.strip().splitlines()[-1]))
+    finally:
+        subprocess.run(["umount", str(small)], check=False)
+
+
 def test_data_errors_are_one_line_naming_the_file(tmp_path):
     data_dir = make_omniglot_folder(tmp_path / "omniglot", num_classes=3, per_class=3)
     broken = next((data_dir / "images_background").rglob("*.png"))
