@@ -95,11 +95,14 @@ def _parse_flags(argv: list[str]) -> list[str]:
 
 
 class _QuietLibraries:
-    """Drops the INFO chatter of orbax (tens of lines per checkpoint) from the absl log, and
+    """Drops the INFO chatter of orbax (tens of lines per checkpoint) from the absl log,
     orbax's own tracebacks of a write that found the disk full (the run says so in one line:
-    train.DiskFull)."""
+    train.DiskFull), and jax's note that no TPU is there (unless JAX_PLATFORMS asks for one)."""
 
     def filter(self, record) -> bool:
+        if "xla_bridge" in record.pathname and "Unable to initialize backend 'tpu'" in str(
+                record.msg) and "tpu" not in os.environ.get("JAX_PLATFORMS", ""):
+            return False  # every start on a machine without a TPU says so; not an error
         if "orbax" not in record.pathname:
             return True
         if record.levelno < std_logging.WARNING:

@@ -641,6 +641,7 @@ class _Trainer:
         self.embed = jax.jit(make_embed_fn(self.model, center),
                              out_shardings=self.batch_sharding)
         self.log = logs.MetricsLog(workdir / "metrics.jsonl")
+        self.step_compiled = False  # the train step has run once in this process
 
     # -- setup helpers ---------------------------------------------------------------------
 
@@ -1061,10 +1062,19 @@ def _run_steps(trainer: _Trainer, state: TrainState, plan: _EpochPlan, start: in
         for position, batch in zip(positions, images, strict=True):
             ids = plan.ids[position]
             batch_labels = labels[ids[:, 0] if ids.ndim == 2 else ids]
+            compiling = not trainer.step_compiled and not progress.disable
+            if compiling:
+                progress.set_postfix_str("compiling the train step")
             state, values = trainer.train_step(state, batch, trainer.put(batch_labels),
                                                trainer.put(plan.mask[position]),
                                                trainer.put(plan.mined[position]))
             step_metrics.append(values)
+            if compiling:  # the rate (and ETA) counts from here, not from the compile
+                jax.block_until_ready(values["loss"])
+                progress.reset()
+                progress.update(position)
+                progress.set_postfix_str("")
+            trainer.step_compiled = True
             progress.update()
             if not progress.disable and (position % 10 == 0
                                          or position + 1 == trainer.steps_per_epoch):
@@ -1182,20 +1192,29 @@ def _train(trainer: _Trainer, checkpoints: _Checkpoints, best: _BestByValidation
     images_per_step = (3 * int(config.train.batch_size) if trainer.kind == "smart"
                        else inbatch_images(config))
     show_progress = bool(config.train.progress) and jax.process_index() == 0
-    with _PreemptionGuard() as guard:
+    # Two bars: the run (epochs, overall ETA, what the run is doing) and the epoch's steps.
+    run_bar = tqdm(total=epochs, initial=int(state.epoch), desc="run", unit="epoch",
+                   disable=not show_progress, position=0)
+    with _PreemptionGuard() as guard, run_bar:
         for epoch in range(int(state.epoch) + 1, epochs + 1):
             epoch_started = time.perf_counter()
             epoch_start_step = (int(epoch_start_state.step) if int(epoch_start_state.epoch) > 0
                                 else None)
+            mines = (trainer.kind == "smart" and bool(epoch_start_state.controller.mining)
+                     and float(config.mining.mined_fraction) > 0)
+            run_bar.set_postfix_str(f"epoch {epoch}: " + (
+                "embedding, neighbours, mining" if mines else "drawing batches"))
             plan = trainer.plan_epoch(epoch_start_state, epoch)
+            run_bar.set_postfix_str(f"epoch {epoch}: training")
             resuming = mid_epoch_step is not None
             start = int(meta["position"]) if resuming else 0
             per_step = {name: list(meta.get(name, [])) if resuming else []
                         for name in _STEP_METRICS.values()}
             time_before = _EpochTrainTime.resumed_from(meta if resuming else None, start)
             train_started = time.perf_counter()
-            with tqdm(total=trainer.steps_per_epoch, initial=start, desc=f"epoch {epoch}",
-                      unit="step", disable=not show_progress, leave=False) as progress:
+            with tqdm(total=trainer.steps_per_epoch, initial=start,
+                      desc=f"epoch {epoch}/{epochs}", unit="step", disable=not show_progress,
+                      leave=False, position=1) as progress:
                 try:
                     state, step_metrics, stopped = _run_steps(trainer, state, plan, start,
                                                               guard, progress)
@@ -1247,6 +1266,7 @@ def _train(trainer: _Trainer, checkpoints: _Checkpoints, best: _BestByValidation
                 record["resumed_at_position"] = start
             evaluated = epoch % int(config.train.eval_every) == 0 or epoch == epochs
             if evaluated:
+                run_bar.set_postfix_str(f"epoch {epoch}: evaluating")
                 eval_started = time.perf_counter()
                 final = trainer.evaluate(state)
                 record["test"] = final
@@ -1257,6 +1277,7 @@ def _train(trainer: _Trainer, checkpoints: _Checkpoints, best: _BestByValidation
                 record["seconds"]["eval"] = time.perf_counter() - eval_started
             record["seconds"]["epoch"] = time_before.seconds + time.perf_counter() - epoch_started
             trainer.log.append(record)
+            run_bar.update()
             writer.write_scalars(epoch, {
                 name: value for name, value in logs.flatten(record).items()
                 if isinstance(value, (int, float)) and not isinstance(value, bool)})

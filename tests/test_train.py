@@ -248,6 +248,19 @@ def test_validation_split_best_checkpoint_and_the_study_options(folder, tmp_path
         assert records[-1]["best_val"]["epoch"] == best_epoch
 
 
+def test_progress_shows_the_run_the_epoch_and_the_compile(folder, tmp_path, capsys):
+    data_dir, cache_dir = folder
+    config = tiny_config(data_dir, cache_dir, train={"epochs": 3, "progress": True},
+                         controller={"kappa_init": 1.0})
+    train.train_and_evaluate(config, tmp_path / "run")
+    text = capsys.readouterr().err
+    for part in ("run:", "epoch 1/3", "epoch 3/3", "compiling the train step",
+                 "epoch 1: drawing batches", "epoch 3: embedding, neighbours, mining",
+                 "epoch 3: evaluating", "3/3 ["):
+        assert part in text, part
+    assert text.count("compiling the train step") <= 3  # the first epoch only
+
+
 def test_resume_accepts_the_same_folder_spelled_differently(tmp_path, monkeypatch):
     data_dir = tmp_path / "data" / "omniglot"
     data_dir.mkdir(parents=True)
