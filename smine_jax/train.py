@@ -652,7 +652,8 @@ class _Trainer:
         """Images and classes of the whole dataset and of the splits this run uses (subset)."""
         splits = {"train": self.train, "val": self.val, "test": self.test}
         return {"dataset": self.full_counts, **{
-            name: {"images": len(split), "classes": int(split.num_classes)}
+            name: {"images": len(split), "classes": int(split.num_classes),
+                   **({"skipped_unreadable": len(split.skipped)} if split.skipped else {})}
             for name, split in splits.items() if split is not None}}
 
     def _check_data(self) -> None:

@@ -215,6 +215,38 @@ def test_load_builds_both_splits(tree, tmp_path):
         data.load(config, split="all", dataset=dataset)
 
 
+def test_unreadable_images_stop_the_build_or_are_left_out(tree, tmp_path):
+    broken = tree / "cat" / "1.png"
+    broken.write_bytes(broken.read_bytes()[:30])  # truncated
+    dataset = sources.class_folders(tree).subset("test")  # cat, dog
+    bad = dataset.items.index("cat/1.png")
+    with pytest.raises(sources.ImageReadError, match=r"cat/1\.png"):
+        cache.cached_images(dataset, tmp_path / "c", image_size=8, progress=False)
+    built = cache.build_cache(dataset, tmp_path / "c", image_size=8, progress=False,
+                              skip_unreadable=True)
+    assert list(built.unreadable) == [bad] and "cat/1.png" in built.unreadable[bad]
+    assert not built.images[bad].any()
+    good = [i for i in range(len(dataset)) if i != bad]
+    np.testing.assert_array_equal(built.images[good],
+                                  _reference(dataset.select(good), 8, 3))
+    # The list is kept with the cache: no decoding the next time, and without the option the
+    # cache still refuses, naming the file and the option.
+    again = cache.build_cache(dataset, tmp_path / "c", image_size=8, progress=False,
+                              skip_unreadable=True, num_workers=0)
+    assert again.unreadable == built.unreadable
+    with pytest.raises(sources.ImageReadError, match=r"cat/1\.png.*skip_unreadable=True"):
+        cache.cached_images(dataset, tmp_path / "c", image_size=8, progress=False)
+    config = data.default_config()
+    config.update(name="folder", dir=str(tree), cache_dir=str(tmp_path / "c"), image_size=8,
+                  crop_size=8, skip_unreadable=True)
+    split = data.load(config, split="test", progress=False)
+    assert len(split) == len(dataset) - 1 and len(split.skipped) == 1
+    assert "cat/1.png" not in split.dataset.items
+    np.testing.assert_array_equal(split.images, built.images[good])
+    with pytest.raises(ValueError, match=r"^data\.skip_unreadable: expected True or False"):
+        data.resolve_config({"skip_unreadable": "yes"})
+
+
 def test_validation_classes_share_count_and_seed():
     assert data.validation_classes(964, 0.1).size == 96
     assert data.validation_classes(100, 0.1).size == 10

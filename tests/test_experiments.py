@@ -214,6 +214,14 @@ def test_data_errors_are_one_line_naming_the_file(tmp_path):
     lines = result.stderr.strip().splitlines()
     assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr[-3000:]
     assert re.search(rf"^error: cannot read image .*{broken.name}: ", lines[-1]), lines[-1]
+    # With data.skip_unreadable the image is left out and counted in config.json.
+    result = _run_cli("--config=experiments/configs/omniglot.py:smoke",
+                      f"--config.data.dir={data_dir}", "--config.data.skip_unreadable=True",
+                      "--config.train.epochs=1", f"--workdir={tmp_path / 'a'}", env=env,
+                      timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    counts = json.loads((tmp_path / "a" / "config.json").read_text())["dataset"]["train"]
+    assert counts["skipped_unreadable"] == 1 and counts["images"] == 3 * 3 - 1
     # Offline without --config.data.dir: the download fails with what to do instead.
     result = _run_cli("--config=experiments/configs/omniglot.py:smoke",
                       "--config.data.download_url=http://127.0.0.1:9/",

@@ -37,6 +37,10 @@ The `config.data` section (an `ml_collections.ConfigDict`; `default_config()` gi
                     Official counts still refer to the whole training split.
     val_seed        which classes are held out: a uniform draw seeded by it (default 0, the
                     same classes for every training seed).
+    skip_unreadable False (default): an image that does not decode stops the run with its
+                    path; True: such images are left out of their split, with a warning and
+                    their count in the workdir's config.json (that split is then held in
+                    memory instead of memory-mapped).
     download_url    base URL of the Omniglot archives (tests point it at a local server).
     num_workers     decoding threads for the cache build (0 = number of CPUs).
 """
@@ -52,7 +56,7 @@ from pathlib import Path
 import numpy as np
 
 from smine_jax.data import sources
-from smine_jax.data.cache import cache_key, cache_path, cached_images
+from smine_jax.data.cache import build_cache, cache_key, cache_path, cached_images
 from smine_jax.data.pipeline import (
     IMAGENET_MEAN,
     IMAGENET_STD,
@@ -82,7 +86,7 @@ from smine_jax.data.sources import (
 
 __all__ = [
     "Dataset", "DownloadError", "ImageReadError", "ImageSplit", "InferenceBatch", "augment",
-    "build_dataset",
+    "build_cache", "build_dataset",
     "cache_key", "cache_path", "cached_images", "cars_folder", "center_crop",
     "check_official_counts", "class_folders", "cub_folder", "default_config", "device_batch",
     "download_omniglot", "gather", "inference_batches", "load", "m_per_class_batches",
@@ -97,6 +101,7 @@ DEFAULTS = {
     "crop_size": 227, "channels": 3, "flip": True, "cache_dir": "", "mean": IMAGENET_MEAN,
     "std": IMAGENET_STD, "split_dirs": (), "train_fraction": 0.5,
     "download_url": sources.OMNIGLOT_URL, "num_workers": 0, "val_classes": 0.1, "val_seed": 0,
+    "skip_unreadable": False,
 }
 SPLITS = ("train", "val", "test")
 # The fewest validation images the evaluation takes (Recall@8 needs 8 other images a query).
@@ -159,6 +164,9 @@ def resolve_config(config_data) -> dict:
         raise ValueError(f"data.val_classes: expected a share in [0, 1) or a count >= 2 of "
                          f"training classes, got {value!r}")
     cfg["val_classes"] = float(value) if value < 1 else int(value)
+    if not isinstance(cfg["skip_unreadable"], (bool, np.bool_)):
+        raise ValueError(f"data.skip_unreadable: expected True or False, got "
+                         f"{cfg['skip_unreadable']!r}")
     if isinstance(cfg["val_seed"], bool) or int(cfg["val_seed"]) != cfg["val_seed"]:
         raise ValueError(f"data.val_seed: expected an integer, got {cfg['val_seed']!r}")
     cfg["val_seed"] = int(cfg["val_seed"])
@@ -218,11 +226,14 @@ class ImageSplit:
       dataset: the split's record (sample id i = row i; labels 0..C_split-1).
       images: read-only memory-mapped uint8 [N, S, S, C] cache, row i = sample i.
       counts: train / test image counts of the whole dataset (for the log and the workdir).
+      skipped: the images left out because they do not decode (`data.skip_unreadable`), as
+        "path: reason" lines.
     """
 
     dataset: Dataset
     images: np.ndarray
     counts: dict
+    skipped: tuple[str, ...] = ()
 
     @property
     def labels(self) -> np.ndarray:
@@ -309,7 +320,15 @@ def load(config_data, *, split: str, dataset: Dataset | None = None,
         part = train if split == "train" else val
         if split == "val" and val is None:
             return None
-    images = cached_images(part, cfg["cache_dir"], image_size=cfg["image_size"],
-                           channels=cfg["channels"], num_workers=cfg["num_workers"] or None,
-                           progress=progress)
-    return ImageSplit(dataset=part, images=images, counts=full.counts())
+    cached = build_cache(part, cfg["cache_dir"], image_size=cfg["image_size"],
+                         channels=cfg["channels"], num_workers=cfg["num_workers"] or None,
+                         progress=progress, skip_unreadable=cfg["skip_unreadable"])
+    images, skipped = cached.images, ()
+    if cached.unreadable:  # left out: the readable rows, in memory
+        keep = np.setdiff1d(np.arange(len(part)), sorted(cached.unreadable))
+        skipped = tuple(cached.unreadable[i] for i in sorted(cached.unreadable))
+        logger.warning("%s %s: left out %d unreadable image(s) (data.skip_unreadable), e.g. %s",
+                       part.name, split, len(skipped), skipped[0])
+        part, images = part.select(keep, split=part.split), np.asarray(images[keep])
+        images.setflags(write=False)
+    return ImageSplit(dataset=part, images=images, counts=full.counts(), skipped=skipped)

@@ -24,12 +24,13 @@ import socket
 import uuid
 from concurrent.futures import FIRST_EXCEPTION, ProcessPoolExecutor, ThreadPoolExecutor, wait
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 
 from smine_jax import fileio
 from smine_jax.data._util import check_channels, positive_int, sha256_json
-from smine_jax.data.sources import Dataset
+from smine_jax.data.sources import Dataset, ImageReadError
 
 CACHE_FORMAT = 1
 _HOST = socket.gethostname().replace("-", "_")
@@ -53,6 +54,13 @@ def cache_path(dataset: Dataset, cache_dir, *, image_size: int, channels: int,
     return Path(cache_dir).expanduser() / name
 
 
+class CachedImages(NamedTuple):
+    """A cache and the images it could not decode ({sample id: reason}; their rows are 0)."""
+
+    images: np.ndarray
+    unreadable: dict[int, str]
+
+
 def cached_images(dataset: Dataset, cache_dir, *, image_size: int = 256, channels: int = 3,
                   num_workers: int | None = None, executor: str = "thread",
                   progress: bool = True) -> np.ndarray:
@@ -60,7 +68,19 @@ def cached_images(dataset: Dataset, cache_dir, *, image_size: int = 256, channel
 
     Reuses a complete cache with the same key, else decodes every image once (see module
     docstring). `executor` is "thread" or "process"; `num_workers` defaults to the CPU count.
+    An unreadable image raises ImageReadError naming its file (`build_cache` can skip them).
     """
+    return build_cache(dataset, cache_dir, image_size=image_size, channels=channels,
+                       num_workers=num_workers, executor=executor, progress=progress).images
+
+
+def build_cache(dataset: Dataset, cache_dir, *, image_size: int = 256, channels: int = 3,
+                num_workers: int | None = None, executor: str = "thread",
+                progress: bool = True, skip_unreadable: bool = False) -> CachedImages:
+    """`cached_images` with the choice to skip unreadable images: with `skip_unreadable`, an
+    image that does not decode leaves a row of zeros and is listed (with the reason) in the
+    result and in the cache's sidecar, so a later run finds the same list without decoding;
+    without it, the first one raises ImageReadError (also when the cache lists some)."""
     image_size = positive_int(image_size, "image_size")
     channels = check_channels(channels)
     if executor not in ("thread", "process"):
@@ -70,27 +90,33 @@ def cached_images(dataset: Dataset, cache_dir, *, image_size: int = 256, channel
     key = cache_key(dataset, image_size=image_size, channels=channels)
     path = cache_path(dataset, cache_dir, image_size=image_size, channels=channels, key=key)
     shape = (len(dataset), image_size, image_size, channels)
-    images = _open_trusted(path, key, shape)
-    if images is not None:
-        return images
-    path.parent.mkdir(parents=True, exist_ok=True)
-    _remove_dead_temporaries(path)
-    partial = path.with_name(f"{path.name}.tmp-{_HOST}-{os.getpid()}-{uuid.uuid4().hex}")
-    try:
-        out = np.lib.format.open_memmap(partial, mode="w+", dtype=np.uint8, shape=shape)
-        _decode_into(out, dataset, image_size, channels, num_workers, executor, progress)
-        out.flush()
-        del out
-        os.replace(partial, path)
-    finally:
-        partial.unlink(missing_ok=True)
-    fileio.write_json_atomically(_sidecar(path), {
-        "key": key, "shape": list(shape), "name": dataset.name, "split": dataset.split,
-        "source": dataset.source, "root": dataset.root})
-    images = _open_trusted(path, key, shape)
-    if images is None:
-        raise RuntimeError(f"{path}: the cache just written cannot be read back")
-    return images
+    trusted = _open_trusted(path, key, shape)
+    if trusted is None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        _remove_dead_temporaries(path)
+        partial = path.with_name(f"{path.name}.tmp-{_HOST}-{os.getpid()}-{uuid.uuid4().hex}")
+        try:
+            out = np.lib.format.open_memmap(partial, mode="w+", dtype=np.uint8, shape=shape)
+            unreadable = _decode_into(out, dataset, image_size, channels, num_workers, executor,
+                                      progress, skip_unreadable)
+            out.flush()
+            del out
+            os.replace(partial, path)
+        finally:
+            partial.unlink(missing_ok=True)
+        fileio.write_json_atomically(_sidecar(path), {
+            "key": key, "shape": list(shape), "name": dataset.name, "split": dataset.split,
+            "source": dataset.source, "root": dataset.root,
+            "unreadable": {str(i): reason for i, reason in sorted(unreadable.items())}})
+        trusted = _open_trusted(path, key, shape)
+        if trusted is None:
+            raise RuntimeError(f"{path}: the cache just written cannot be read back")
+    images, unreadable = trusted
+    if unreadable and not skip_unreadable:
+        first = min(unreadable)
+        raise ImageReadError(f"{unreadable[first]} ({len(unreadable)} unreadable image(s) in "
+                             "all; --config.data.skip_unreadable=True leaves them out)")
+    return CachedImages(images, unreadable)
 
 
 def _remove_dead_temporaries(path: Path) -> None:
@@ -109,8 +135,9 @@ def _sidecar(path: Path) -> Path:
     return path.with_name(path.name + ".json")
 
 
-def _open_trusted(path: Path, key: str, shape) -> np.ndarray | None:
-    """The cache at `path` if its sidecar carries `key` and its array the expected shape."""
+def _open_trusted(path: Path, key: str, shape) -> tuple[np.ndarray, dict[int, str]] | None:
+    """(the cache at `path`, its unreadable images) if its sidecar carries `key` and its array
+    the expected shape."""
     try:
         with open(_sidecar(path)) as f:
             meta = json.load(f)
@@ -121,15 +148,27 @@ def _open_trusted(path: Path, key: str, shape) -> np.ndarray | None:
         return None
     if images.shape != tuple(shape) or images.dtype != np.uint8:
         return None
-    return images
+    return images, {int(i): reason for i, reason in (meta.get("unreadable") or {}).items()}
 
 
 def _chunks(n: int):
     return [range(start, min(start + _CHUNK, n)) for start in range(0, n, _CHUNK)]
 
 
-def _decode_chunk(dataset: Dataset, ids: range, size: int, channels: int) -> np.ndarray:
-    return np.stack([dataset.read_image(i, size=size, channels=channels) for i in ids])
+def _decode_chunk(dataset: Dataset, ids: range, size: int, channels: int,
+                  skip: bool = False) -> tuple[np.ndarray, dict[int, str]]:
+    """The chunk's images and, with `skip`, the ones that do not decode (zeros, with the
+    reason); without it the first failure raises."""
+    rows, failed = [], {}
+    for i in ids:
+        try:
+            rows.append(dataset.read_image(i, size=size, channels=channels))
+        except ImageReadError as error:
+            if not skip:
+                raise
+            failed[i] = str(error)
+            rows.append(np.zeros((size, size, channels), np.uint8))
+    return np.stack(rows), failed
 
 
 # A process worker keeps its dataset record here (sent once, by the pool's initializer).
@@ -141,12 +180,14 @@ def _init_worker(dataset: Dataset) -> None:
     _worker_dataset = dataset
 
 
-def _decode_chunk_in_worker(ids: range, size: int, channels: int) -> np.ndarray:
-    return _decode_chunk(_worker_dataset, ids, size, channels)
+def _decode_chunk_in_worker(ids: range, size: int, channels: int, skip: bool):
+    return _decode_chunk(_worker_dataset, ids, size, channels, skip)
 
 
-def _decode_into(out, dataset, size, channels, num_workers, executor, progress) -> None:
-    """Fills `out` row by row from a pool of workers; the first failure cancels the rest."""
+def _decode_into(out, dataset, size, channels, num_workers, executor, progress,
+                 skip: bool = False) -> dict[int, str]:
+    """Fills `out` row by row from a pool of workers; the first failure cancels the rest
+    (with `skip`, unreadable images are zero rows instead: returns them with the reasons)."""
     import functools
     import multiprocessing
 
@@ -163,8 +204,10 @@ def _decode_into(out, dataset, size, channels, num_workers, executor, progress) 
         decode = _decode_chunk_in_worker
     bar = tqdm(total=len(dataset), disable=not progress, unit="img",
                desc=f"caching {dataset.name} {dataset.split} at {size}px")
+    unreadable: dict[int, str] = {}
     with pool, bar:
-        pending = {pool.submit(decode, ids, size, channels): ids for ids in _chunks(len(dataset))}
+        pending = {pool.submit(decode, ids, size, channels, skip): ids
+                   for ids in _chunks(len(dataset))}
         while pending:
             done, _ = wait(pending, return_when=FIRST_EXCEPTION)
             for future in done:
@@ -174,5 +217,7 @@ def _decode_into(out, dataset, size, channels, num_workers, executor, progress) 
                     for other in pending:
                         other.cancel()
                     raise error
-                out[ids.start:ids.stop] = future.result()
+                out[ids.start:ids.stop], failed = future.result()
+                unreadable.update(failed)
                 bar.update(len(ids))
+    return unreadable
