@@ -940,8 +940,26 @@ class _Checkpoints:
         step = int(state.step)
         if step in self.manager.all_steps():
             return
+        self._check_space()
         self.manager.save(step, args=ocp.args.Composite(
             state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)), force=True)
+
+    def _check_space(self) -> None:
+        """Raises ENOSPC before a save that cannot fit: the previous checkpoint's size (plus a
+        margin) must be free. A write that fails inside orbax leaves its pending TensorStore
+        writes printing tracebacks after the error, so a known-full disk is caught here."""
+        latest = self.manager.latest_step()
+        if latest is None:
+            return
+        folder = self.directory / str(latest)
+        try:
+            needed = sum(f.stat().st_size for f in folder.rglob("*") if f.is_file())
+            free = shutil.disk_usage(self.directory).free
+        except OSError:  # cannot tell: let the save itself find out
+            return
+        if free < needed * _SAVE_MARGIN + _NEARLY_FULL // 16:
+            raise OSError(errno.ENOSPC, f"No space left on device: {free} bytes free, a "
+                          f"checkpoint takes about {needed}", str(self.directory))
 
     def delete(self, step: int) -> None:
         if step in self.manager.all_steps():
@@ -1121,6 +1139,8 @@ def train_and_evaluate(config, workdir) -> dict[str, float]:
             with contextlib.suppress(Exception):
                 close()
         if _is_disk_full(error, workdir):
+            # orbax's failed writes leave asyncio tasks whose errors are logged when collected
+            logging.getLogger("asyncio").setLevel(logging.CRITICAL)
             raise DiskFull(_disk_full_message(workdir, checkpoints)) from None
         raise
     try:
@@ -1135,6 +1155,8 @@ def train_and_evaluate(config, workdir) -> dict[str, float]:
 
 # Below this many free bytes, a failed write into the workdir counts as a full disk.
 _NEARLY_FULL = 1 << 20
+# A checkpoint is saved only with this many times the previous one's size free.
+_SAVE_MARGIN = 1.1
 
 
 def _is_disk_full(error: BaseException, workdir: Path) -> bool:
