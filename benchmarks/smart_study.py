@@ -2,6 +2,7 @@
 
     python benchmarks/smart_study.py               # screen (resumable), then SMART_STUDY.md
     python benchmarks/smart_study.py --report-only  # the report from the runs so far
+    python benchmarks/smart_study.py --stages 1     # stage 1 only: its leader is the winner
 
 Every setting is one run of `--epochs` (default 8) epochs, seed 0, started from the `smart_v1`
 variant (the first SPEC's Smart Mining) plus the setting's overrides, with the validation split
@@ -145,13 +146,14 @@ def best_candidate(settings: Sequence[Setting], scores: Mapping[str, float]) -> 
     return max(candidates, key=lambda s: scores[s.name])
 
 
-def plan(scores: Mapping[str, float]) -> tuple[list[Setting], Setting | None]:
+def plan(scores: Mapping[str, float], stages: int = 2
+         ) -> tuple[list[Setting], Setting | None]:
     """(every setting of the study so far, the winner when the study is complete): stage 2
-    exists once stage 1 is scored."""
+    exists once stage 1 is scored (with `stages=1` there is none: stage 1's leader wins)."""
     settings = stage_one()
     leader = best_candidate(settings, scores)
-    if leader is None:
-        return settings, None
+    if leader is None or stages == 1:
+        return settings, leader
     settings += stage_two(leader)
     return settings, best_candidate(settings, scores)
 
@@ -186,7 +188,7 @@ def setting_row(setting: Setting, records: Sequence[Mapping], epochs: int) -> li
 
 def study_markdown(settings: Sequence[Setting], runs: Mapping[str, list], *, epochs: int,
                    winner: Setting | None, commands: Sequence[str], data_dir: Path,
-                   revisions: Sequence[str] = (), machines: Sequence[Mapping] = ()) -> str:
+                   stages: int = 2, revisions: Sequence[str] = (), machines: Sequence[Mapping] = ()) -> str:
     scores = {s.name: val_score(runs.get(s.name, []), epochs) for s in settings}
     ranked = sorted(settings, key=lambda s: -scores[s.name] if math.isfinite(scores[s.name])
                     else math.inf)
@@ -206,8 +208,13 @@ def study_markdown(settings: Sequence[Setting], runs: Mapping[str, list], *, epo
              f"classes after epoch {epochs}. The trainer evaluates the test classes too; this "
              "study never reads them. The references (`random_global`, `semihard`) are context, "
              "not candidates.",
-             "- Stage 1 is a fixed grid; stage 2 changes one option at a time of the best stage-1 "
-             "candidate; the winner over both stages becomes the default.",
+             ("- Stage 1 is a fixed grid; stage 2 changes one option at a time of the best "
+              "stage-1 candidate; the winner over both stages becomes the default." if stages == 2
+              else "- Stage 1 only (`--stages 1`): a fixed grid whose best candidate becomes "
+              "the default; stage 2 (one option at a time of that candidate: "
+              + ", ".join(f"`{c.name.split('+', 1)[1]}`" for c in stage_two(winner or
+                                                                          stage_one()[0]))
+              + ") was not run."),
              "- One seed per setting and short runs: differences of about a point are within "
              "seed noise (the 3-seed spread of the 20-epoch rows in RESULTS.md is 0.4–2 "
              "points); the final comparison reruns the winner for 3 seeds × 20 epochs.",
@@ -257,26 +264,26 @@ def _revisions(runs_dir: Path, settings: Sequence[Setting]) -> list[str]:
     return list(dict.fromkeys(revisions))
 
 
-def current_plan(runs_dir: Path, epochs: int):
+def current_plan(runs_dir: Path, epochs: int, stages: int = 2):
     """(settings, the winner or None, {name: records}) of the study as its runs stand: stage 2
     appears once stage 1 is scored."""
-    settings, winner = plan({})
+    settings, winner = plan({}, stages)
     while True:
         runs = {s.name: cm.read_records(cm.run_dir(runs_dir, s.name, SEED) / "metrics.jsonl")
                 for s in settings}
         grown, winner = plan({name: val_score(records, epochs)
-                              for name, records in runs.items()})
+                              for name, records in runs.items()}, stages)
         if [s.name for s in grown] == [s.name for s in settings]:
             return settings, winner, runs
         settings = grown
 
 
 def write_report(args, commands: Sequence[str]) -> tuple[Path, Setting | None]:
-    settings, winner, runs = current_plan(args.runs_dir, args.epochs)
+    settings, winner, runs = current_plan(args.runs_dir, args.epochs, args.stages)
     machines = [record for s in settings for record in cm.read_records(
         cm.run_dir(args.runs_dir, s.name, SEED) / "machine.jsonl")]
     text = study_markdown(settings, runs, epochs=args.epochs, winner=winner,
-                          commands=commands, data_dir=args.data_dir,
+                          commands=commands, data_dir=args.data_dir, stages=args.stages,
                           revisions=_revisions(args.runs_dir, settings), machines=machines)
     from smine_jax import fileio
 
@@ -291,6 +298,8 @@ def main(argv=None) -> None:
     parser.add_argument("--runs-dir", default=str(DEFAULT_RUNS))
     parser.add_argument("--report", default=str(DEFAULT_REPORT))
     parser.add_argument("--report-only", action="store_true")
+    parser.add_argument("--stages", type=int, choices=(1, 2), default=2,
+                        help="1: stage 1's leader is the winner, stage 2 is not run")
     parser.add_argument("--shard", default=None, metavar="I/N",
                         help="run only every N-th setting from the I-th (compare_methods.py "
                              "--shard); rerun once all shards are done for stage 2")
@@ -310,8 +319,8 @@ def main(argv=None) -> None:
     if not args.report_only:
         cm._append_json(history, {"command": invocation,
                                   "date": datetime.datetime.now().isoformat(timespec="seconds")})
-        for _ in range(2):  # stage 1, then stage 2 (planned from stage 1's scores)
-            settings, _, _ = current_plan(args.runs_dir, args.epochs)
+        for _ in range(args.stages):  # stage 1, then stage 2 (planned from stage 1's scores)
+            settings, _, _ = current_plan(args.runs_dir, args.epochs, args.stages)
             by_name = {s.name: s for s in settings}
             failures, stopped = cm.run_all(
                 [(s.name, SEED) for s in settings][shard::shards], runs_dir=args.runs_dir,

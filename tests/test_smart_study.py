@@ -119,3 +119,17 @@ def test_unfinished_study_has_no_winner():
     text = study.study_markdown(settings, runs, epochs=8, winner=None, commands=["c"],
                                 data_dir=Path("/d"))
     assert "The study is not complete yet" in text and "- v1: 4 of 8 epochs" in text
+
+
+def test_stage_one_only_makes_its_leader_the_winner_and_says_stage_two_was_not_run():
+    settings, winner = study.plan({}, stages=1)
+    assert len(settings) == 14 and winner is None
+    scores = {s.name: 0.5 for s in settings}
+    scores["all_t0.6_p1.0"] = 0.7
+    settings, winner = study.plan(scores, stages=1)
+    assert len(settings) == 14 and winner.name == "all_t0.6_p1.0"
+    runs = {s.name: _records(scores[s.name]) for s in settings}
+    text = study.study_markdown(settings, runs, epochs=8, winner=winner, commands=["c"],
+                                data_dir=Path("/d"), stages=1)
+    assert "Stage 1 only (`--stages 1`)" in text and "`k160`" in text and "was not run" in text
+    assert "Winner by validation R@1 after epoch 8: **`all_t0.6_p1.0`** (70.0 %)" in text
