@@ -188,7 +188,8 @@ def setting_row(setting: Setting, records: Sequence[Mapping], epochs: int) -> li
 
 def study_markdown(settings: Sequence[Setting], runs: Mapping[str, list], *, epochs: int,
                    winner: Setting | None, commands: Sequence[str], data_dir: Path,
-                   stages: int = 2, revisions: Sequence[str] = (), machines: Sequence[Mapping] = ()) -> str:
+                   stages: int = 2, revisions: Sequence[str] = (),
+                   machines: Sequence[Mapping] = ()) -> str:
     scores = {s.name: val_score(runs.get(s.name, []), epochs) for s in settings}
     ranked = sorted(settings, key=lambda s: -scores[s.name] if math.isfinite(scores[s.name])
                     else math.inf)
@@ -242,6 +243,11 @@ def study_markdown(settings: Sequence[Setting], runs: Mapping[str, list], *, epo
                                   winner.overrides.items()) or "no override")
                      + ". These values are the new defaults of `ControllerConfig` and "
                        "`experiments/configs/common.py` (variant `smart`).")
+        tied = [s.name for s in settings if s.name not in (*REFERENCES, winner.name)
+                and scores[s.name] == scores[winner.name]]
+        if tied:
+            lines.append("Tied with it (the same score): " + ", ".join(f"`{n}`" for n in tied)
+                         + "; a tie goes to the first setting in the grid's order.")
         references = ", ".join(f"`{name}` {100 * scores[name]:.1f} %" for name in REFERENCES
                                if math.isfinite(scores.get(name, math.nan)))
         if references:

@@ -104,13 +104,15 @@ class ControllerConfig:
       manual_halve_every: manual policy: mining epochs between halvings of κ.
     """
 
+    # target_error, error_on, kappa_init and kappa_random: the winner of the validation study
+    # (benchmarks/SMART_STUDY.md); the first version's values are the `smart_v1` variant.
     policy: str = "adaptive"
-    target_error: float = 0.5
-    error_on: str = "all"
+    target_error: float = 0.6
+    error_on: str = "mined"
     window: int = 3
-    kappa_init: float | str = 16.0
+    kappa_init: float | str = "auto"
     kappa_init_share: float = 0.5
-    kappa_random: float | None = 64.0
+    kappa_random: float | None = None
     kappa_min: float = 1.0
     kappa_max: float = 64.0
     random_epochs: int = 2

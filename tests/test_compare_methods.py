@@ -38,9 +38,12 @@ METRIC_KEYS = ("recall@1", "recall@2", "recall@4", "recall@8", "nmi", "map@r")
 
 
 def _record(epoch: int, r1: float | None, *, mining: bool = False, kappa=None,
-            error: float = 0.5, seconds: dict | None = None, **extra) -> dict:
-    """A metrics.jsonl record as the trainer writes it (test metrics derived from r1)."""
+            error: float = 0.5, target: float = 0.5, seconds: dict | None = None,
+            **extra) -> dict:
+    """A metrics.jsonl record as the trainer writes it (test metrics derived from r1; the
+    controller's signal is the training error)."""
     record = {"epoch": epoch, "mining": mining, "kappa": kappa, "training_error": error,
+              "controller_error": error, "controller_target": target,
               "seconds": {"embed": 0.0, "index": 0.0, "mine": 0.0, "train": 1.0, "eval": 0.5,
                           "epoch": 1.5, **(seconds or {})}, **extra}
     if r1 is not None:
@@ -325,6 +328,7 @@ def test_parse_shard_and_the_shared_machine_note():
 
 def test_controller_signal_settling_bounds_and_model_selection():
     old = _record(3, 0.5, mining=True, kappa=4.0, error=0.52)
+    del old["controller_error"], old["controller_target"]  # records of an older trainer
     assert cm.controller_signal(old) == (0.52, cm.TARGET_ERROR)
     new = {**old, "controller_error": 0.7, "controller_target": 0.7}
     assert cm.controller_signal(new) == (0.7, 0.7)

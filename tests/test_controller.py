@@ -198,10 +198,11 @@ def test_matches_reference_controller(name, seed, kind):
                                reference_kappas(config, errors, mined, kappa0), rtol=1e-4)
 
 
-def test_default_config_follows_spec_section_3():
+def test_default_config_is_the_validation_study_winner():
     config = controller.init().config
-    assert (config.policy, config.target_error, config.window) == ("adaptive", 0.5, 3)
-    assert (config.kappa_init, config.kappa_random) == (16.0, 64.0)
+    assert (config.policy, config.target_error, config.window) == ("adaptive", 0.6, 3)
+    assert (config.error_on, config.kappa_init, config.kappa_init_share,
+            config.kappa_random) == ("mined", "auto", 0.5, None)
     assert (config.kappa_min, config.kappa_max, config.random_epochs) == (1.0, 64.0, 2)
 
 

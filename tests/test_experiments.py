@@ -54,9 +54,10 @@ def test_paper_protocol_configs(module, name):
     assert (config.mining.kind, config.mining.mined_fraction, config.mining.k) == (
         "smart", 0.5, 0)
     controller = config.controller
-    assert (controller.policy, controller.target_error, controller.window,
-            controller.kappa_init, controller.kappa_min, controller.kappa_max,
-            controller.random_epochs) == ("adaptive", 0.5, 3, 16.0, 1.0, 64.0, 2)
+    assert (controller.policy, controller.target_error, controller.error_on, controller.window,
+            controller.kappa_init, controller.kappa_random, controller.kappa_min,
+            controller.kappa_max, controller.random_epochs) == (
+        "adaptive", 0.6, "mined", 3, "auto", None, 1.0, 64.0, 2)
 
 
 def test_omniglot_config_is_the_cpu_protocol():

@@ -133,3 +133,11 @@ def test_stage_one_only_makes_its_leader_the_winner_and_says_stage_two_was_not_r
                                 data_dir=Path("/d"), stages=1)
     assert "Stage 1 only (`--stages 1`)" in text and "`k160`" in text and "was not run" in text
     assert "Winner by validation R@1 after epoch 8: **`all_t0.6_p1.0`** (70.0 %)" in text
+    assert "Tied with it" not in text
+    scores["mined_t0.75_p1.0"] = scores["all_t0.5_p1.0"] = 0.7  # ties go to the grid's order
+    winner = study.plan(scores, stages=1)[1]
+    runs = {s.name: _records(scores[s.name]) for s in settings}
+    text = study.study_markdown(settings, runs, epochs=8, winner=winner, commands=["c"],
+                                data_dir=Path("/d"), stages=1)
+    assert winner.name == "mined_t0.75_p1.0"
+    assert "Tied with it (the same score): `all_t0.5_p1.0`, `all_t0.6_p1.0`;" in text

@@ -100,7 +100,10 @@ def use_model_inputs(config: ml_collections.ConfigDict) -> None:
 
 
 def smart(config):
-    """Smart Mining: index mining + global loss + adaptive controller (the default)."""
+    """Smart Mining: index mining + global loss + adaptive controller (the default), with the
+    controller settings the validation study chose (benchmarks/SMART_STUDY.md): the mined
+    triplets' error as the signal, target 0.6, κ₀ calibrated from the lists, no points for the
+    random-only epochs."""
 
 
 def smart_v1(config):
