@@ -781,10 +781,13 @@ def targets_markdown(finished: Mapping[str, Mapping[int, list]]) -> list[str]:
                         ("smart_manual", "the controller")):
         parts = []
         for key, label in METRICS:
-            difference, p_value, _ = compare(_finals(finished, "smart", key),
-                                             _finals(finished, other, key))
-            parts.append(f"{label} {100 * difference:+.1f} (p = {p_value:.2g})"
-                         if np.isfinite(difference) and p_value is not None else f"{label} —")
+            difference, p_value, verdict = compare(_finals(finished, "smart", key),
+                                                   _finals(finished, other, key))
+            if not np.isfinite(difference):
+                parts.append(f"{label} —")
+            else:
+                parts.append(f"{label} {100 * difference:+.1f} " + (
+                    f"(p = {p_value:.2g})" if p_value is not None else f"({verdict})"))
         lines.append(f"- `smart` − `{other}` ({what}): " + "; ".join(parts))
     return lines
 
