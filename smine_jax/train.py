@@ -957,7 +957,7 @@ class _Checkpoints:
             free = shutil.disk_usage(self.directory).free
         except OSError:  # cannot tell: let the save itself find out
             return
-        if free < needed * _SAVE_MARGIN + _NEARLY_FULL // 16:
+        if free < needed * _SAVE_MARGIN + _SAVE_SLACK:
             raise OSError(errno.ENOSPC, f"No space left on device: {free} bytes free, a "
                           f"checkpoint takes about {needed}", str(self.directory))
 
@@ -1155,8 +1155,10 @@ def train_and_evaluate(config, workdir) -> dict[str, float]:
 
 # Below this many free bytes, a failed write into the workdir counts as a full disk.
 _NEARLY_FULL = 1 << 20
-# A checkpoint is saved only with this many times the previous one's size free.
+# A checkpoint is saved only with this many times the previous one's size, plus the slack in
+# bytes, free.
 _SAVE_MARGIN = 1.1
+_SAVE_SLACK = 1 << 16
 
 
 def _is_disk_full(error: BaseException, workdir: Path) -> bool:

@@ -38,12 +38,11 @@ METRIC_KEYS = ("recall@1", "recall@2", "recall@4", "recall@8", "nmi", "map@r")
 
 
 def _record(epoch: int, r1: float | None, *, mining: bool = False, kappa=None,
-            error: float = 0.5, target: float = 0.5, seconds: dict | None = None,
-            **extra) -> dict:
+            error: float = 0.5, seconds: dict | None = None, **extra) -> dict:
     """A metrics.jsonl record as the trainer writes it (test metrics derived from r1; the
     controller's signal is the training error)."""
     record = {"epoch": epoch, "mining": mining, "kappa": kappa, "training_error": error,
-              "controller_error": error, "controller_target": target,
+              "controller_error": error, "controller_target": 0.5,
               "seconds": {"embed": 0.0, "index": 0.0, "mine": 0.0, "train": 1.0, "eval": 0.5,
                           "epoch": 1.5, **(seconds or {})}, **extra}
     if r1 is not None:

@@ -325,8 +325,9 @@ def load(config_data, *, split: str, dataset: Dataset | None = None,
                          progress=progress, skip_unreadable=cfg["skip_unreadable"])
     images, skipped = cached.images, ()
     if cached.unreadable:  # left out: the readable rows, in memory
-        keep = np.setdiff1d(np.arange(len(part)), sorted(cached.unreadable))
-        skipped = tuple(cached.unreadable[i] for i in sorted(cached.unreadable))
+        bad = sorted(cached.unreadable)
+        keep = np.setdiff1d(np.arange(len(part)), bad)
+        skipped = tuple(cached.unreadable[i] for i in bad)
         logger.warning("%s %s: left out %d unreadable image(s) (data.skip_unreadable), e.g. %s",
                        part.name, split, len(skipped), skipped[0])
         part, images = part.select(keep, split=part.split), np.asarray(images[keep])
