@@ -6,7 +6,9 @@ whole training set, these miners look only at one batch's embeddings:
 - ``semihard_triplets``: FaceNet semi-hard negatives (Schroff et al. 2015), with the fallback of
   TensorFlow Addons' ``triplet_semihard_loss``;
 - ``batch_hard_triplets``: the hardest positive and negative per anchor (Hermans et al. 2017);
-- ``distance_weighted_triplets``: distance-weighted negative sampling (Wu et al. 2017).
+- ``distance_weighted_triplets``: distance-weighted negative sampling (Wu et al. 2017);
+- ``all_triplets``: every valid (anchor, positive, negative) of the batch, the dense triplet set
+  for the ratio + global loss on index-built batches (``mining.index_batches``).
 
 Each returns ``BatchTriplets``: int32 indices into the batch plus a bool ``valid`` mask, with
 static shapes (B * B slots, one per ordered anchor-positive pair, or B slots, one per anchor), so
@@ -14,7 +16,7 @@ a training step gathers ``embeddings[anchor]`` etc. and passes ``mask=valid`` to
 and memory are O(B^2): no B x B x B tensor is ever formed. All three are jit-compatible; host
 argument checks run only on concrete (non-traced) inputs.
 
-Conventions shared by all three:
+Conventions shared by all of them:
 
 - ``mask`` (optional bool [B]) marks real rows; padded rows (False) never serve as anchor,
   positive or negative, and their values (even NaN under jit) cannot leak into other rows.
@@ -23,6 +25,10 @@ Conventions shared by all three:
 - Ties between equal distances go to the lowest batch index.
 - Invalid slots hold the anchor's own index in ``positive`` and ``negative`` (always in range,
   so gathers are safe); only ``valid`` slots are triplets.
+- ``kappa`` (optional scalar >= 0, may be traced): Smart Mining's exclusion boundary inside the
+  batch. A negative n of anchor a with d²(a, n) < κ · d²(a, p⁺) is skipped, p⁺ the anchor's
+  nearest positive in the batch (Eq. 6 of Harwood et al. with the batch as the neighbour list),
+  so "too hard" means what it means for index mining. ``None`` or 0: no negative is skipped.
 """
 
 from __future__ import annotations
@@ -53,7 +59,7 @@ class BatchTriplets(NamedTuple):
 
 
 def semihard_triplets(embeddings, labels, *, margin=0.2, mask=None,
-                      fallback: str = "largest") -> BatchTriplets:
+                      fallback: str = "largest", kappa=None) -> BatchTriplets:
     """FaceNet semi-hard mining (Schroff et al. 2015, Sec. 3.2) on squared distances.
 
     One slot per ordered pair (a, p) of the batch, slot index ``a * B + p``; a slot is a
@@ -77,6 +83,8 @@ def semihard_triplets(embeddings, labels, *, margin=0.2, mask=None,
         lies in the band whenever the band holds any negative).
       mask: optional bool [B]; False marks padded rows.
       fallback: "largest" or "invalid", see above.
+      kappa: optional exclusion boundary (module docstring): skipped negatives are neither
+        semi-hard candidates nor the fallback.
 
     Returns:
       ``BatchTriplets`` with B * B slots.
@@ -84,11 +92,12 @@ def semihard_triplets(embeddings, labels, *, margin=0.2, mask=None,
     if fallback not in SEMIHARD_FALLBACKS:
         raise ValueError(f"fallback: expected one of {SEMIHARD_FALLBACKS}, got {fallback!r}")
     _check_scalar(margin, "margin", lower=0.0, allow_inf=True)
+    _check_kappa(kappa)
     embeddings, labels, mask = _prepare(embeddings, labels, mask)
-    return _semihard(embeddings, labels, mask, margin, fallback=fallback)
+    return _semihard(embeddings, labels, mask, margin, kappa, fallback=fallback)
 
 
-def batch_hard_triplets(embeddings, labels, *, mask=None) -> BatchTriplets:
+def batch_hard_triplets(embeddings, labels, *, mask=None, kappa=None) -> BatchTriplets:
     """Batch-hard mining (Hermans, Beyer & Leibe 2017, "In Defense of the Triplet Loss").
 
     One slot per anchor a (slot index a): its farthest positive (same class, != a) and its
@@ -100,16 +109,18 @@ def batch_hard_triplets(embeddings, labels, *, mask=None) -> BatchTriplets:
       embeddings: [B, D] float array.
       labels: [B] integer class labels.
       mask: optional bool [B]; False marks padded rows.
+      kappa: optional exclusion boundary (module docstring): the closest negative beyond it.
 
     Returns:
       ``BatchTriplets`` with B slots.
     """
+    _check_kappa(kappa)
     embeddings, labels, mask = _prepare(embeddings, labels, mask)
-    return _batch_hard(embeddings, labels, mask)
+    return _batch_hard(embeddings, labels, mask, kappa)
 
 
 def distance_weighted_triplets(key, embeddings, labels, *, cutoff=0.5, nonzero_loss_cutoff=1.4,
-                               mask=None) -> BatchTriplets:
+                               mask=None, kappa=None) -> BatchTriplets:
     """Distance-weighted negative sampling (Wu et al. 2017, "Sampling Matters", Sec. 4).
 
     One slot per ordered pair (a, p) of the batch, slot index ``a * B + p``, valid when p has a's
@@ -137,11 +148,14 @@ def distance_weighted_triplets(key, embeddings, labels, *, cutoff=0.5, nonzero_l
       cutoff: lower clip of d in the weights, > 0 (reference: 0.5).
       nonzero_loss_cutoff: only negatives closer than this are eligible, > cutoff (reference: 1.4).
       mask: optional bool [B]; False marks padded rows.
+      kappa: optional exclusion boundary (module docstring): skipped negatives are never drawn
+        (they count as no negative at all).
 
     Returns:
       ``BatchTriplets`` with B * B slots.
     """
     _check_scalar(cutoff, "cutoff", lower=0.0, strict=True)
+    _check_kappa(kappa)
     _check_scalar(nonzero_loss_cutoff, "nonzero_loss_cutoff", lower=0.0, strict=True,
                   allow_inf=True)
     if _is_concrete(cutoff) and _is_concrete(nonzero_loss_cutoff):
@@ -150,18 +164,48 @@ def distance_weighted_triplets(key, embeddings, labels, *, cutoff=0.5, nonzero_l
                 f"nonzero_loss_cutoff={float(nonzero_loss_cutoff)} must exceed "
                 f"cutoff={float(cutoff)}: otherwise no negative is ever eligible")
     embeddings, labels, mask = _prepare(embeddings, labels, mask)
-    return _distance_weighted(key, embeddings, labels, mask, cutoff, nonzero_loss_cutoff)
+    return _distance_weighted(key, embeddings, labels, mask, cutoff, nonzero_loss_cutoff, kappa)
+
+
+def all_triplets(embeddings, labels, *, positives_per_anchor: int, mask=None,
+                 kappa=None) -> BatchTriplets:
+    """Every valid triplet of the batch: each anchor with each of its positives and negatives.
+
+    Slot ``(a * P + j) * B + n`` pairs anchor a with its j-th positive (its same-class rows other
+    than itself in ascending index order; P = ``positives_per_anchor``, static) and row n as the
+    negative; it is valid when a and n are real rows of different classes, the j-th positive
+    exists and n is not skipped by ``kappa``. With m-per-class batches P = m - 1 covers every
+    positive; an anchor with more positives uses its first P. O(B² P) slots and memory, never
+    B³: feed them to ``losses.indexed_triplet_objective``, which gathers two scalars per slot.
+
+    Args:
+      embeddings: [B, D] float array (used only for the ``kappa`` boundary).
+      labels: [B] integer class labels.
+      positives_per_anchor: P >= 1.
+      mask: optional bool [B]; False marks padded rows.
+      kappa: optional exclusion boundary (module docstring).
+
+    Returns:
+      ``BatchTriplets`` with B * P * B slots.
+    """
+    if (isinstance(positives_per_anchor, bool) or int(positives_per_anchor) != positives_per_anchor
+            or positives_per_anchor < 1):
+        raise ValueError(f"positives_per_anchor: expected a positive integer, got "
+                         f"{positives_per_anchor!r}")
+    _check_kappa(kappa)
+    embeddings, labels, mask = _prepare(embeddings, labels, mask)
+    return _all(embeddings, labels, mask, kappa, num_positives=int(positives_per_anchor))
 
 
 # --------------------------------------------------------------------------- jitted cores
 
 
 @functools.partial(jax.jit, static_argnames=("fallback",))
-def _semihard(embeddings, labels, mask, margin, *, fallback):
+def _semihard(embeddings, labels, mask, margin, kappa, *, fallback):
     """Per anchor: sort the negatives' distances once, then searchsorted every d(a, p)."""
     num_rows = embeddings.shape[0]
     sq_dists = _pairwise_sq_dists(embeddings, mask)
-    positive_pairs, negative_pairs = _pair_masks(labels, mask)
+    positive_pairs, negative_pairs = _pair_masks(labels, mask, sq_dists, kappa)
     negative_sq = jnp.where(negative_pairs, sq_dists, jnp.inf)
     # Stable sort: equal distances keep ascending index order, so the first one is the lowest.
     order = jnp.argsort(negative_sq, axis=1, stable=True)
@@ -187,10 +231,10 @@ def _semihard(embeddings, labels, mask, margin, *, fallback):
 
 
 @jax.jit
-def _batch_hard(embeddings, labels, mask):
+def _batch_hard(embeddings, labels, mask, kappa):
     """Per anchor: argmax distance over its positives, argmin over its negatives."""
     sq_dists = _pairwise_sq_dists(embeddings, mask)
-    positive_pairs, negative_pairs = _pair_masks(labels, mask)
+    positive_pairs, negative_pairs = _pair_masks(labels, mask, sq_dists, kappa)
     positive = jnp.argmax(jnp.where(positive_pairs, sq_dists, -jnp.inf), axis=1)
     negative = jnp.argmin(jnp.where(negative_pairs, sq_dists, jnp.inf), axis=1)
     valid = jnp.any(positive_pairs, axis=1) & jnp.any(negative_pairs, axis=1)
@@ -199,11 +243,12 @@ def _batch_hard(embeddings, labels, mask):
 
 
 @jax.jit
-def _distance_weighted(key, embeddings, labels, mask, cutoff, nonzero_loss_cutoff):
+def _distance_weighted(key, embeddings, labels, mask, cutoff, nonzero_loss_cutoff, kappa):
     """Masked log-weights log q(d)^-1 per anchor, then one inverse-CDF draw per (a, p) slot."""
     num_rows, dim = embeddings.shape
-    positive_pairs, negative_pairs = _pair_masks(labels, mask)
-    dists = _safe_sqrt(_pairwise_sq_dists(embeddings, mask))
+    sq_dists = _pairwise_sq_dists(embeddings, mask)
+    positive_pairs, negative_pairs = _pair_masks(labels, mask, sq_dists, kappa)
+    dists = _safe_sqrt(sq_dists)
     dists = jnp.maximum(dists, jnp.asarray(cutoff, jnp.float32))
     # log q(d)^-1 = (2 - n) log d - ((n - 3) / 2) log(1 - d^2 / 4); the floor keeps d >= 2
     # (rounding, or non-unit rows) finite instead of NaN.
@@ -232,6 +277,29 @@ def _distance_weighted(key, embeddings, labels, mask, cutoff, nonzero_loss_cutof
     return _pair_slots(negative, valid)
 
 
+@functools.partial(jax.jit, static_argnames=("num_positives",))
+def _all(embeddings, labels, mask, kappa, *, num_positives):
+    """The j-th positive of each anchor by top-k over descending index keys, then [B, P, B]."""
+    num_rows = embeddings.shape[0]
+    sq_dists = _pairwise_sq_dists(embeddings, mask) if kappa is not None else None
+    positive_pairs, negative_pairs = _pair_masks(labels, mask, sq_dists, kappa)
+    rows = jnp.arange(num_rows, dtype=jnp.int32)
+    # Positives first, lower index first: key B - p for a positive p, -1 for the rest.
+    order_keys = jnp.where(positive_pairs, num_rows - rows[None, :], -1)
+    keys, positive = jax.lax.top_k(order_keys, min(num_positives, num_rows))
+    if num_positives > num_rows:  # more slots than rows: the extra ones are never valid
+        extra = num_positives - num_rows
+        keys = jnp.pad(keys, ((0, 0), (0, extra)), constant_values=-1)
+        positive = jnp.pad(positive, ((0, 0), (0, extra)))
+    has_positive = keys > 0  # [B, P]
+    valid = has_positive[:, :, None] & negative_pairs[:, None, :]  # [B, P, B]
+    shape = (num_rows, num_positives, num_rows)
+    return _batch_triplets(jnp.broadcast_to(rows[:, None, None], shape).reshape(-1),
+                           jnp.broadcast_to(positive[:, :, None], shape).reshape(-1),
+                           jnp.broadcast_to(rows[None, None, :], shape).reshape(-1),
+                           valid.reshape(-1))
+
+
 # --------------------------------------------------------------------------- shared helpers
 
 
@@ -254,12 +322,20 @@ def _safe_sqrt(sq):
     return jnp.where(positive, jnp.sqrt(jnp.where(positive, sq, 1.0)), 0.0)
 
 
-def _pair_masks(labels, mask):
-    """[B, B] bool: (a, p) same class with p != a; (a, n) different class. Padded rows: False."""
+def _pair_masks(labels, mask, sq_dists=None, kappa=None):
+    """[B, B] bool: (a, p) same class with p != a; (a, n) different class and, with ``kappa``,
+    d²(a, n) >= κ · d²(a, nearest positive of a) (Eq. 6 inside the batch). Padded rows: False."""
     both_real = mask[:, None] & mask[None, :]
     same_class = labels[:, None] == labels[None, :]
     not_self = ~jnp.eye(labels.shape[0], dtype=bool)
-    return both_real & same_class & not_self, both_real & ~same_class
+    positive_pairs, negative_pairs = both_real & same_class & not_self, both_real & ~same_class
+    if kappa is not None:
+        nearest = jnp.min(jnp.where(positive_pairs, sq_dists, jnp.inf), axis=1, keepdims=True)
+        # An anchor without a positive has no triplet anyway; its boundary stays 0 (no NaN).
+        boundary = jnp.where(jnp.isfinite(nearest), jnp.asarray(kappa, jnp.float32) * nearest,
+                             0.0)
+        negative_pairs = negative_pairs & (sq_dists >= boundary)
+    return positive_pairs, negative_pairs
 
 
 def _pair_slots(negative, valid):
@@ -319,6 +395,14 @@ def _prepare(embeddings, labels, mask):
                 f"mask: expected a bool array of shape ({num_rows},) (True for real rows), "
                 f"got {dtype} {shape}")
     return jnp.asarray(embeddings), jnp.asarray(labels), jnp.asarray(mask)
+
+
+def _check_kappa(kappa) -> None:
+    if kappa is None:
+        return
+    if np.ndim(kappa) != 0:
+        raise ValueError(f"kappa: expected a scalar, got shape {np.shape(kappa)}")
+    _check_scalar(kappa, "kappa", lower=0.0)
 
 
 def _check_scalar(value, name: str, *, lower: float, strict: bool = False,

@@ -270,6 +270,60 @@ def triplet_objective(anchor, positive, negative, *, mask=None, margin=0.2, glob
       counts so that an epoch's error sums exactly over batches.
       Every entry is 0 when no triplet is valid.
     """
+    _check_objective_settings(triplet_loss, margin, global_margin, global_weight)
+    valid, sq_pos, sq_neg = _prepare_triplets(anchor, positive, negative, mask)
+    if mined is not None:
+        _check_vector(mined, "mined", valid.shape[0], kind="bool")
+    return _objective_from_sq(sq_pos, sq_neg, valid, mined, margin=margin,
+                              global_margin=global_margin, global_weight=global_weight,
+                              use_global=use_global, triplet_loss=triplet_loss)
+
+
+def indexed_triplet_objective(embeddings, anchor, positive, negative, valid, *, mask=None,
+                              margin=0.2, global_margin=0.01, global_weight=0.8, use_global=True,
+                              triplet_loss="ratio"):
+    """``triplet_objective`` over triplets given as row indices into one batch of embeddings.
+
+    For the dense triplet sets of an in-batch miner (e.g. ``batch_miners.all_triplets``: B·P·B
+    slots): the [B, B] squared distances are computed once, from explicit differences as
+    ``triplet_objective`` computes them per row, and each slot gathers two scalars, instead of
+    three D-dimensional rows per slot. Same value, gradient and aux as ``triplet_objective`` on
+    ``embeddings[anchor]`` etc. with ``mask=valid``.
+
+    Args:
+      embeddings: [B, D] real array (any float dtype; math in float32).
+      anchor, positive, negative: int [S] row indices into ``embeddings``.
+      valid: bool [S], the slots that are triplets (others count nowhere).
+      mask: optional bool [B] of real rows: padded rows are zeroed before any arithmetic, so
+        their values (even NaN) reach neither the loss nor the gradient. Valid slots must not
+        point at padded rows.
+      margin, global_margin, global_weight, use_global, triplet_loss: as ``triplet_objective``.
+
+    Returns:
+      (loss, aux) as ``triplet_objective`` (without ``mined`` counts).
+    """
+    _check_objective_settings(triplet_loss, margin, global_margin, global_weight)
+    num_rows, _ = _check_matrix(embeddings, "embeddings")
+    if np.ndim(anchor) != 1:
+        raise ValueError(f"anchor: expected a 1-D array of row indices, got shape "
+                         f"{tuple(np.shape(anchor))}")
+    num_slots = np.shape(anchor)[0]
+    for name, value in (("anchor", anchor), ("positive", positive), ("negative", negative)):
+        _check_vector(value, name, num_slots, kind="int")
+    _check_vector(valid, "valid", num_slots, kind="bool")
+    if mask is not None:
+        _check_vector(mask, "mask", num_rows, kind="bool")
+    _, embeddings = _select_rows(mask, embeddings)
+    sq_dists = _pairwise_sq_dists(embeddings)
+    anchor = jnp.asarray(anchor)
+    return _objective_from_sq(sq_dists[anchor, jnp.asarray(positive)],
+                              sq_dists[anchor, jnp.asarray(negative)],
+                              jnp.asarray(valid).astype(jnp.float32), None, margin=margin,
+                              global_margin=global_margin, global_weight=global_weight,
+                              use_global=use_global, triplet_loss=triplet_loss)
+
+
+def _check_objective_settings(triplet_loss, margin, global_margin, global_weight) -> None:
     if triplet_loss not in _TRIPLET_LOSSES:
         raise ValueError(
             f"triplet_loss: expected one of {_TRIPLET_LOSSES}, got {triplet_loss!r}")
@@ -279,7 +333,11 @@ def triplet_objective(anchor, positive, negative, *, mask=None, margin=0.2, glob
         _check_scalar(margin, "margin")
     _check_scalar(global_margin, "global_margin")
     _check_scalar(global_weight, "global_weight", minimum=0.0)
-    valid, sq_pos, sq_neg = _prepare_triplets(anchor, positive, negative, mask)
+
+
+def _objective_from_sq(sq_pos, sq_neg, valid, mined, *, margin, global_margin, global_weight,
+                       use_global, triplet_loss):
+    """(loss, aux) of ``triplet_objective`` from per-slot squared distances and validity."""
     per_triplet_fn = _ratio_from_sq if triplet_loss == "ratio" else _margin_from_sq
     per_triplet = _zero_invalid(per_triplet_fn(sq_pos, sq_neg, margin), valid)
     mean_triplet = _masked_mean(per_triplet, valid)
@@ -294,7 +352,6 @@ def triplet_objective(anchor, positive, negative, *, mask=None, margin=0.2, glob
         **stats,
     }
     if mined is not None:
-        _check_vector(mined, "mined", valid.shape[0], kind="bool")
         counted = (valid > 0) & jnp.asarray(mined, bool)
         aux["num_mined"] = jnp.sum(counted, dtype=jnp.float32)
         aux["mined_violations"] = jnp.sum(jnp.where(counted, violating, 0.0))

@@ -60,13 +60,23 @@ def as_numpy(triplets):
 # --------------------------------------------------------------------------- references
 
 
-def reference_semihard(sq, labels, mask, *, fallback="largest", margin=0.2):
+def beyond_boundary(sq, labels, mask, a, n, kappa):
+    """Eq. 6 inside the batch: n is not skipped by κ · d²(a, nearest positive of a)."""
+    if kappa is None:
+        return True
+    positives = [sq[a, p] for p in range(len(labels))
+                 if mask[p] and p != a and labels[p] == labels[a]]
+    return not positives or sq[a, n] >= np.float32(kappa) * min(positives)
+
+
+def reference_semihard(sq, labels, mask, *, fallback="largest", margin=0.2, kappa=None):
     """B*B slots (a, p): Python loops over n, ties by lowest index."""
     num_rows = len(labels)
     margin = np.float32(margin)
     rows = []
     for a in range(num_rows):
-        negatives = [n for n in range(num_rows) if mask[n] and labels[n] != labels[a]]
+        negatives = [n for n in range(num_rows) if mask[n] and labels[n] != labels[a]
+                     and beyond_boundary(sq, labels, mask, a, n, kappa)]
         for p in range(num_rows):
             is_pair = mask[a] and mask[p] and p != a and labels[p] == labels[a]
             if not is_pair or not negatives:
@@ -86,20 +96,36 @@ def reference_semihard(sq, labels, mask, *, fallback="largest", margin=0.2):
     return np.array(rows, dtype=np.int64).T
 
 
-def reference_batch_hard(sq, labels, mask):
+def reference_batch_hard(sq, labels, mask, kappa=None):
     num_rows = len(labels)
     rows = []
     for a in range(num_rows):
         positives = [p for p in range(num_rows)
                      if mask[a] and mask[p] and p != a and labels[p] == labels[a]]
         negatives = [n for n in range(num_rows)
-                     if mask[a] and mask[n] and labels[n] != labels[a]]
+                     if mask[a] and mask[n] and labels[n] != labels[a]
+                     and beyond_boundary(sq, labels, mask, a, n, kappa)]
         if not positives or not negatives:
             rows.append((a, a, a, False))
             continue
         p = min(positives, key=lambda p: (-sq[a, p], p))
         n = min(negatives, key=lambda n: (sq[a, n], n))
         rows.append((a, p, n, True))
+    return np.array(rows, dtype=np.int64).T
+
+
+def reference_all(sq, labels, mask, num_positives, kappa=None):
+    """B*P*B slots (a, j-th positive, n) in that order."""
+    num_rows = len(labels)
+    rows = []
+    for a in range(num_rows):
+        positives = [p for p in range(num_rows)
+                     if mask[a] and mask[p] and p != a and labels[p] == labels[a]]
+        for j in range(num_positives):
+            for n in range(num_rows):
+                ok = (j < len(positives) and mask[a] and mask[n] and labels[n] != labels[a]
+                      and beyond_boundary(sq, labels, mask, a, n, kappa))
+                rows.append((a, positives[j], n, True) if ok else (a, a, a, False))
     return np.array(rows, dtype=np.int64).T
 
 
@@ -213,6 +239,10 @@ MINERS = {
     "batch_hard": lambda x, y, **kw: bm.batch_hard_triplets(x, y, **kw),
     "distance_weighted": lambda x, y, **kw: bm.distance_weighted_triplets(
         jax.random.key(3), x, y, **kw),
+    "all": lambda x, y, **kw: bm.all_triplets(x, y, positives_per_anchor=3, **kw),
+    "semihard_kappa": lambda x, y, **kw: bm.semihard_triplets(x, y, kappa=1.5, **kw),
+    "all_kappa": lambda x, y, **kw: bm.all_triplets(x, y, positives_per_anchor=2, kappa=2.0,
+                                                     **kw),
 }
 
 
@@ -289,6 +319,71 @@ def test_no_cubic_intermediate(name):
     closed = jax.make_jaxpr(lambda x, y, m: MINERS[name](x, y, mask=m))(x, labels, mask)
     sizes = _intermediate_sizes(closed.jaxpr)
     assert len(sizes) > 20 and max(sizes) < num_rows**3, max(sizes)
+
+
+# --------------------------------------------------------------------------- all triplets, κ
+
+
+@settings(max_examples=10, deadline=None)
+@given(seed=st.integers(0, 2**16), shape=st.sampled_from(SHAPES), integer=st.booleans(),
+       pad_fraction=st.sampled_from([0.0, 0.3]), classes=st.integers(2, 6),
+       num_positives=st.sampled_from([1, 3, 12]),
+       kappa=st.sampled_from([None, 0.0, 1.0, 2.5]))
+def test_all_triplets_matches_reference(seed, shape, integer, pad_fraction, classes,
+                                        num_positives, kappa):
+    x, labels, mask = make_batch(seed, *shape, integer=integer, num_classes=classes,
+                                 pad_fraction=pad_fraction)
+    sq = exact_sq_dists(x) if integer else module_sq_dists(x, mask)
+    got = bm.all_triplets(x, labels, positives_per_anchor=num_positives, mask=mask, kappa=kappa)
+    check_against(got, reference_all(sq, labels, mask, num_positives, kappa))
+
+
+@settings(max_examples=10, deadline=None)
+@given(seed=st.integers(0, 2**16), shape=st.sampled_from(SHAPES), integer=st.booleans(),
+       pad_fraction=st.sampled_from([0.0, 0.3]), classes=st.integers(2, 6),
+       kappa=st.sampled_from([0.5, 1.0, 2.0, 4.0]), fallback=st.sampled_from(
+           bm.SEMIHARD_FALLBACKS))
+def test_kappa_skips_the_negatives_inside_the_boundary(seed, shape, integer, pad_fraction,
+                                                       classes, kappa, fallback):
+    """Semi-hard and batch-hard with κ equal their references run on the allowed negatives."""
+    x, labels, mask = make_batch(seed, *shape, integer=integer, num_classes=classes,
+                                 pad_fraction=pad_fraction)
+    sq = exact_sq_dists(x) if integer else module_sq_dists(x, mask)
+    check_against(bm.semihard_triplets(x, labels, mask=mask, fallback=fallback, kappa=kappa),
+                  reference_semihard(sq, labels, mask, fallback=fallback, kappa=kappa))
+    check_against(bm.batch_hard_triplets(x, labels, mask=mask, kappa=kappa),
+                  reference_batch_hard(sq, labels, mask, kappa=kappa))
+
+
+def test_kappa_in_distance_weighted_never_draws_a_skipped_negative():
+    x, labels, mask = make_batch(5, 40, 8, pad_fraction=0.2)
+    x = unit_rows(x)
+    sq = module_sq_dists(x, mask)
+    for kappa in (1.0, 3.0):
+        got = as_numpy(bm.distance_weighted_triplets(jax.random.key(1), x, labels, mask=mask,
+                                                     kappa=kappa))
+        for a, n in zip(got.anchor[got.valid], got.negative[got.valid], strict=True):
+            assert beyond_boundary(sq, labels, mask, a, n, kappa)
+        # An anchor whose every negative lies inside the boundary has no valid slot.
+        for a in set(got.anchor.tolist()):
+            allowed = [n for n in range(40) if mask[n] and labels[n] != labels[a]
+                       and beyond_boundary(sq, labels, mask, a, n, kappa)]
+            if not allowed:
+                assert not got.valid[got.anchor == a].any()
+
+
+@pytest.mark.parametrize("name", ["semihard", "batch_hard", "distance_weighted", "all"])
+def test_kappa_zero_equals_no_kappa_and_traced_kappa_equals_eager(name):
+    x, labels, mask = make_batch(13, 40, 8, pad_fraction=0.2)
+    x = unit_rows(x)
+    plain = as_numpy(MINERS[name](x, labels, mask=mask))
+    zero = as_numpy(MINERS[name](x, labels, mask=mask, kappa=0.0))
+    eager = as_numpy(MINERS[name](x, labels, mask=mask, kappa=2.0))
+    traced = as_numpy(jax.jit(lambda k: MINERS[name](x, labels, mask=mask, kappa=k))(2.0))
+    for field in bm.BatchTriplets._fields:
+        np.testing.assert_array_equal(getattr(zero, field), getattr(plain, field))
+        np.testing.assert_array_equal(getattr(traced, field), getattr(eager, field))
+    assert eager.valid.sum() < plain.valid.sum()
 
 
 # --------------------------------------------------------------------------- distance-weighted
@@ -385,6 +480,10 @@ def test_distance_weighted_uniform_when_no_negative_is_near_enough():
     (lambda x, y: bm.distance_weighted_triplets(jax.random.key(0), x, y, cutoff=0.0), "cutoff"),
     (lambda x, y: bm.distance_weighted_triplets(jax.random.key(0), x, y, cutoff=1.5),
      "nonzero_loss_cutoff"),
+    (lambda x, y: bm.semihard_triplets(x, y, kappa=-1.0), "kappa"),
+    (lambda x, y: bm.batch_hard_triplets(x, y, kappa=np.ones(2)), "kappa"),
+    (lambda x, y: bm.all_triplets(x, y, positives_per_anchor=0), "positives_per_anchor"),
+    (lambda x, y: bm.all_triplets(x, y, positives_per_anchor=2, kappa=float("inf")), "kappa"),
 ])
 def test_bad_input_raises_naming_the_argument(call, match):
     x = np.random.default_rng(0).normal(size=(9, 3)).astype(np.float32) * 3

@@ -601,3 +601,56 @@ def test_checks_work_under_jit_with_traced_hyper_parameters():
                                rtol=1e-5)
     with pytest.raises(ValueError, match="positive"):
         jax.jit(losses.triplet_ratio_loss)(a, p[:3], n)
+
+
+# ----------------------------------------------------------------------------------------------
+# Triplets as indices into one batch (the dense in-batch sets of index-built batches).
+
+
+@pytest.mark.parametrize("triplet_loss,use_global", [("ratio", True), ("margin", False)])
+def test_indexed_objective_equals_the_objective_on_gathered_rows(triplet_loss, use_global):
+    rng = np.random.default_rng(4)
+    batch = rng.normal(size=(12, DIM)).astype(np.float32)
+    batch[3] = batch[2]  # a duplicate: distance 0, finite gradient on both paths
+    mask = np.ones(12, bool)
+    mask[[7, 11]] = False
+    slots = 40
+    anchor, positive, negative = (rng.integers(0, 12, slots) for _ in range(3))
+    valid = mask[anchor] & mask[positive] & mask[negative] & (rng.random(slots) < 0.8)
+    settings_ = dict(triplet_loss=triplet_loss, use_global=use_global, margin=0.3)
+
+    def indexed(x):
+        return losses.indexed_triplet_objective(x, anchor, positive, negative, valid,
+                                                mask=mask, **settings_)
+
+    def gathered(x):
+        return losses.triplet_objective(x[anchor], x[positive], x[negative], mask=valid,
+                                        **settings_)
+
+    (value, aux), grad = jax.value_and_grad(indexed, has_aux=True)(batch)
+    (expected, expected_aux), expected_grad = jax.value_and_grad(gathered, has_aux=True)(batch)
+    np.testing.assert_allclose(value, expected, rtol=1e-6, atol=1e-7)
+    np.testing.assert_allclose(grad, expected_grad, rtol=1e-5, atol=1e-6)
+    assert set(aux) == set(expected_aux)
+    for name in aux:
+        np.testing.assert_allclose(aux[name], expected_aux[name], rtol=1e-6, atol=1e-7,
+                                   err_msg=name)
+    # NaN in the padded rows reaches neither the value nor the gradient (under jit too).
+    poisoned = batch.copy()
+    poisoned[~mask] = np.nan
+    (value_nan, _), grad_nan = jax.jit(jax.value_and_grad(indexed, has_aux=True))(poisoned)
+    np.testing.assert_allclose(value_nan, value, rtol=1e-6)
+    assert np.isfinite(grad_nan).all() and not grad_nan[~mask].any()
+
+
+def test_indexed_objective_bad_arguments_name_them():
+    x = np.zeros((4, DIM), np.float32)
+    ids = np.zeros(3, np.int32)
+    with pytest.raises(ValueError, match="anchor"):
+        losses.indexed_triplet_objective(x, ids[:, None], ids, ids, ids > 0)
+    with pytest.raises(ValueError, match="negative"):
+        losses.indexed_triplet_objective(x, ids, ids, ids[:2], ids > 0)
+    with pytest.raises(ValueError, match="valid"):
+        losses.indexed_triplet_objective(x, ids, ids, ids, ids)
+    with pytest.raises(ValueError, match="triplet_loss"):
+        losses.indexed_triplet_objective(x, ids, ids, ids, ids > 0, triplet_loss="hinge")
