@@ -774,3 +774,224 @@ def mining_summary(triplets: Triplets, info: MiningInfo) -> dict[str, jax.Array]
         "anchors_mined": jnp.sum(info.num_valid_negatives > 0, dtype=jnp.int32),
         "lists_inside_boundary": jnp.sum(info.list_inside_boundary, dtype=jnp.int32),
     }
+
+
+# --------------------------------------------------------------------------- batches of pairs
+
+
+class BatchPlanInfo(NamedTuple):
+    """What ``index_batches`` assembled, per batch and for the epoch, for logging."""
+
+    smart_pairs: jax.Array  # i32[num_batches]: distinct seed anchors of the batch's smart
+    #                         slots whose own image and smart negative's image are both in it
+    random_classes: jax.Array  # i32[num_batches]: classes from the random fill, not from a seed
+    #                            pair
+    seeds_available: jax.Array  # i32[]: rows with a usable smart negative at this κ
+
+
+def _distinct_draws(words: jax.Array, bound: jax.Array, first=None) -> jax.Array:
+    """i32[..., T]: an ordered sample without replacement of T values in [0, bound), uniform.
+
+    Draw i is uniform over the values not drawn before: its t-th free value, t + #{j : e_(j) −
+    j <= t} for the earlier draws sorted (e_(j) − j free values lie below e_(j)). Exact, and
+    O(T² log T) whatever ``bound`` (a class or the class count) is. ``first`` (i32[...], -1 for
+    none) forces draw 0, so the rest is uniform over the other values. Draws at i >= bound are
+    arbitrary (callers mask them out). Shapes: words u32[..., T, 2]; bound, first i32[...].
+    """
+    num = words.shape[-2]
+    steps = jnp.arange(num, dtype=jnp.int32)
+
+    def body(i, drawn):
+        free = _uniform_below(jnp.take(words, i, axis=-2), bound - i)
+        earlier = jnp.sort(drawn, axis=-1) - steps  # not yet drawn: int32 max − j > free
+        value = free + _count(earlier <= free[..., None])
+        if first is not None:
+            value = jnp.where((i == 0) & (first >= 0), first, value)
+        return jnp.where(steps == i, value[..., None], drawn)
+
+    initial = jnp.full(words.shape[:-1], jnp.iinfo(jnp.int32).max, jnp.int32)
+    return jax.lax.fori_loop(0, num, body, initial)
+
+
+def _first_occurrences(values: jax.Array, valid: jax.Array) -> jax.Array:
+    """bool[B, L]: valid entries whose value no earlier valid entry of the row holds.
+
+    A stable sort per row (O(L log L), no [L, L] comparison): the first entry of each run of
+    equal values is the earliest.
+    """
+    keys = jnp.where(valid, values, jnp.iinfo(jnp.int32).max)  # invalid entries last
+    order = jnp.argsort(keys, axis=1, stable=True)
+    ordered = jnp.take_along_axis(keys, order, axis=1)
+    first = jnp.concatenate(
+        [jnp.ones_like(ordered[:, :1], bool), ordered[:, 1:] != ordered[:, :-1]], axis=1)
+    rows = jnp.arange(values.shape[0])[:, None]
+    return jnp.zeros(values.shape, bool).at[rows, order].set(first) & valid
+
+
+@jax.jit
+def _eligible_classes(index: _ClassIndex):
+    """(start of each class with >= 2 members in ``order``, padded i32[N]; their count)."""
+    positions = jnp.arange(index.order.shape[0], dtype=jnp.int32)
+    eligible = (index.start[index.order] == positions) & (index.size[index.order] >= 2)
+    starts = jnp.nonzero(eligible, size=positions.shape[0], fill_value=0)[0].astype(jnp.int32)
+    return starts, jnp.sum(eligible, dtype=jnp.int32)
+
+
+def _smart_negatives(neighbour_ids, sq_dists, anchors, index, kappa, chunk_size: int):
+    """(negative i32[A], usable bool[A]): each row's slot-0 negative of Algorithm 1, usable
+    when it exists and its class has >= 2 members (so it can anchor a pair of its own)."""
+
+    def rows(ids, sq, anchor):
+        mined = _mine_rows(ids, sq, anchor, index, kappa, num_slots=1)
+        return mined.negative[:, 0], mined.has_negative[:, 0]
+
+    negative, has_negative = _map_row_chunks(rows, (neighbour_ids, sq_dists, anchors), chunk_size)
+    return negative, has_negative & (index.size[negative] >= 2)
+
+
+@functools.partial(jax.jit, static_argnames=(
+    "classes_per_batch", "samples_per_class", "num_batches", "num_smart", "chunk_size"))
+def _index_batches(key, neighbour_ids, sq_dists, index, kappa, anchor_ids, *, classes_per_batch,
+                   samples_per_class, num_batches, num_smart, chunk_size):
+    num_classes, num_members = classes_per_batch, samples_per_class
+    num_anchors = neighbour_ids.shape[0]
+    batch = jnp.arange(num_batches)[:, None]
+    # One draw of random bits for everything (the generator dominates the compile time).
+    num_draws = num_batches * num_classes
+    words = _random_words(key, (num_anchors + num_draws * (1 + num_members),))
+    seed_words, class_words, member_words = jnp.split(
+        words, [num_anchors, num_anchors + num_draws])
+
+    # Seeds of the smart pair slots: the usable rows in random order, cycled.
+    shape = (num_batches, num_smart)
+    if num_anchors:
+        anchors = (jnp.arange(index.order.shape[0], dtype=jnp.int32) if anchor_ids is None
+                   else anchor_ids)
+        negative, usable = _smart_negatives(neighbour_ids, sq_dists, anchors, index, kappa,
+                                            chunk_size)
+        num_usable = jnp.sum(usable, dtype=jnp.int32)
+        # Usable rows first, in the order of their 64-bit draws: uniformly random.
+        order = jnp.lexsort((seed_words[:, 1], seed_words[:, 0], ~usable))
+        slot = jnp.arange(num_batches * num_smart, dtype=jnp.int32).reshape(shape)
+        seed_rows = order[slot % jnp.maximum(num_usable, 1)]
+        seed, seed_negative = anchors[seed_rows], negative[seed_rows]
+        has_seed = jnp.broadcast_to(num_usable > 0, shape)
+    else:  # e.g. a process without anchors: every batch is random
+        num_usable = jnp.int32(0)
+        seed = seed_negative = jnp.zeros(shape, jnp.int32)
+        has_seed = jnp.zeros(shape, bool)
+
+    # Candidates [seed class, negative class] per smart slot, then C random distinct eligible
+    # classes; a class is its start in `order`. The first C distinct candidates are the batch's.
+    starts, num_eligible = _eligible_classes(index)
+    random_classes = starts[_distinct_draws(
+        class_words.reshape(num_batches, num_classes, 2), num_eligible)]
+    pair_members = jnp.stack([seed, seed_negative], axis=-1).reshape(num_batches, 2 * num_smart)
+    candidates = jnp.concatenate([index.start[pair_members], random_classes], axis=1)
+    required = jnp.concatenate(
+        [pair_members, jnp.full((num_batches, num_classes), -1, jnp.int32)], axis=1)
+    valid = jnp.concatenate([jnp.repeat(has_seed, 2, axis=1),
+                             jnp.ones((num_batches, num_classes), bool)], axis=1)
+    keep = _first_occurrences(candidates, valid)
+    block = jnp.cumsum(keep, axis=1, dtype=jnp.int32) - 1
+    block = jnp.where(keep & (block < num_classes), block, num_classes)  # out of range: dropped
+    place = lambda initial, values: initial.at[batch, block].set(values, mode="drop")
+    chosen = place(jnp.zeros((num_batches, num_classes), jnp.int32), candidates)
+    chosen_required = place(jnp.full((num_batches, num_classes), -1, jnp.int32), required)
+    from_random = place(jnp.zeros((num_batches, num_classes), bool),
+                        jnp.broadcast_to(jnp.arange(candidates.shape[1]) >= 2 * num_smart,
+                                         candidates.shape))
+
+    # Members: the required one first, then uniform distinct others; short classes masked.
+    size = index.size[index.order[chosen]]
+    required_rank = jnp.where(chosen_required >= 0,
+                              index.position[chosen_required] - chosen, -1)
+    ranks = _distinct_draws(member_words.reshape(num_batches, num_classes, num_members, 2),
+                            size, first=required_rank)
+    mask = jnp.arange(num_members) < size[..., None]
+    ids = index.order[chosen[..., None] + jnp.where(mask, ranks, 0)]
+    ids = ids.reshape(num_batches, num_classes * num_members)
+    mask = mask.reshape(ids.shape)
+
+    # Distinct seeds of the batch whose image and negative's image are both in it.
+    present_ids = jnp.sort(jnp.where(mask, ids, -1), axis=1)
+
+    def present(values):
+        found = jax.vmap(jnp.searchsorted)(present_ids, values)
+        found = jnp.minimum(found, present_ids.shape[1] - 1)
+        return jnp.take_along_axis(present_ids, found, axis=1) == values
+
+    counted = _first_occurrences(seed, has_seed) & present(seed) & present(seed_negative)
+    info = BatchPlanInfo(smart_pairs=_count(counted), random_classes=_count(from_random),
+                         seeds_available=num_usable)
+    return ids, mask, info
+
+
+def _check_at_least(value, name: str, low: int) -> int:
+    count = _check_count(value, name)
+    if count < low:
+        raise ValueError(f"{name}: expected an integer >= {low}, got {value!r}")
+    return count
+
+
+def index_batches(key, neighbour_ids, neighbour_sq_dists, labels, kappa, *,
+                  classes_per_batch: int, samples_per_class: int, num_batches: int,
+                  smart_fraction: float = 1.0, anchor_ids=None,
+                  chunk_size: int = 2048) -> tuple[jax.Array, jax.Array, BatchPlanInfo]:
+    """An epoch of class-balanced batches seeded with smart pairs (anchor, Algorithm 1 negative).
+
+    A batch is C = ``classes_per_batch`` classes of m = ``samples_per_class`` images: block j
+    (slots j·m … j·m + m − 1, as ``data.m_per_class_batches``) holds the j-th class. Its P = C // 2
+    pair slots, of which the first S = round(smart_fraction · P) (half up) are smart, each
+    propose two classes: a seed anchor's class and its smart negative's class, with the seed
+    and the negative as required members. A smart negative is slot 0 of Algorithm 1 at κ
+    (``mine_triplets``); a row is a usable seed when it has one whose class has >= 2 members.
+    The epoch's smart slots take the usable seeds in uniformly random order without
+    replacement, cycling when there are fewer; without any, the slots fall back to random. The
+    batch's classes are the first C distinct ones of [seed 1, negative 1, …, seed S, negative S,
+    then C distinct random classes with >= 2 members in random order] (a repeated class keeps
+    its first occurrence and required member). A class gives its required member, then uniform
+    distinct others up to m; a class with fewer than m members gives all of them and the rest of
+    its block is masked out (id: its first member). So every image appears at most once per
+    batch and every class has at least two real members: every anchor has a positive pair.
+
+    Args:
+      key: PRNG key; the result is a pure function of the key and the inputs.
+      neighbour_ids, neighbour_sq_dists, labels, kappa, anchor_ids, chunk_size: as in
+        ``mine_triplets`` (κ may be traced).
+      classes_per_batch: C >= 2 (static); labels needs at least C classes with >= 2 members.
+      samples_per_class: m >= 2 (static).
+      num_batches: batches in the epoch, >= 1 (static).
+      smart_fraction: share of the pair slots seeded by smart pairs, a float in [0, 1] (static).
+
+    Returns:
+      (ids i32[num_batches, C·m], mask bool[num_batches, C·m], BatchPlanInfo).
+
+    Raises:
+      ValueError: for malformed inputs, naming the argument (value checks on concrete inputs
+        only; under jit the inputs are trusted).
+    """
+    num_classes = _check_at_least(classes_per_batch, "classes_per_batch", 2)
+    num_members = _check_at_least(samples_per_class, "samples_per_class", 2)
+    num_batches = _check_at_least(num_batches, "num_batches", 1)
+    if not _is_concrete(smart_fraction) or np.ndim(smart_fraction) != 0:
+        raise ValueError(f"smart_fraction: expected a concrete float in [0, 1] (it sets static "
+                         f"shapes), got {smart_fraction!r}")
+    fraction = float(smart_fraction)
+    if not 0.0 <= fraction <= 1.0:
+        raise ValueError(f"smart_fraction: expected a value in [0, 1], got {fraction}")
+    num_smart = int(np.floor(fraction * (num_classes // 2) + 0.5))
+    _check_mining_settings(kappa, 1)
+    index, neighbour_ids, sq_dists, anchors = _checked_lists(
+        neighbour_ids, neighbour_sq_dists, labels, anchor_ids, chunk_size)
+    if _is_concrete(index.order):
+        with jax.ensure_compile_time_eval():  # also inside a caller's jit (cached index)
+            num_eligible = int(_eligible_classes(index)[1])
+        if num_eligible < num_classes:
+            raise ValueError(
+                f"classes_per_batch: {num_classes} distinct classes per batch need as many "
+                f"classes with at least 2 samples; labels has {num_eligible}")
+    return _index_batches(key, neighbour_ids, sq_dists, index, jnp.asarray(kappa, jnp.float32),
+                          anchors, classes_per_batch=num_classes, samples_per_class=num_members,
+                          num_batches=num_batches, num_smart=num_smart,
+                          chunk_size=int(chunk_size))

@@ -79,8 +79,11 @@ from smine_jax import (
 
 logger = logging.getLogger(__name__)
 
-MINING_KINDS = ("smart", "semihard", "batch_hard", "distance_weighted", "none")
-IN_BATCH_MINERS = ("semihard", "batch_hard", "distance_weighted")
+MINING_KINDS = ("smart", "semihard", "batch_hard", "distance_weighted", "all", "none")
+IN_BATCH_MINERS = ("semihard", "batch_hard", "distance_weighted", "all")
+# How the image batches of the in-batch kinds are built: m-per-class at random, or from the
+# epoch's neighbour index (`mining.index_batches`: seeds and their smart negatives' classes).
+BATCH_SOURCES = ("random", "index")
 LOSS_KINDS = ("triplet", "lifted", "npairs")
 TRIPLET_LOSSES = ("ratio", "margin")
 
@@ -229,8 +232,8 @@ def _loss_settings(config) -> dict:
 
 
 def make_objective(config) -> Callable:
-    """objective(key, embeddings f32[R, D], labels i32[B], mask bool[B], mined bool[B])
-    -> (loss, aux).
+    """objective(key, embeddings f32[R, D], labels i32[B], mask bool[B], mined bool[B],
+    kappa f32[] = 0) -> (loss, aux).
 
     Triplet batches (mining.kind "smart"): R = 3B rows (a_i, p_i, n_i), the ratio triplet +
     global loss of SPEC §1 (`losses.triplet_objective`). Image batches (every other kind): R = B
@@ -239,6 +242,10 @@ def make_objective(config) -> Callable:
         loss of `config.loss` (the variants set the FaceNet margin loss: the semi-hard baseline of
         the paper is FaceNet's; batch-hard (Hermans et al.) and distance-weighted sampling
         (Wu et al.) are margin-based too and share it so that only the miner differs);
+      - "all": every valid in-batch triplet (`batch_miners.all_triplets`, P = m − 1 positives
+        per anchor) with the loss of `config.loss` (the ratio + global loss of Smart Mining);
+      - with `mining.inbatch_kappa`, the in-batch miners skip the negatives inside Smart
+        Mining's boundary κ · d²(a, nearest positive in the batch), κ = `kappa` (0: none);
       - loss "lifted": lifted structured loss over the batch; "npairs": N-pair loss over the
         (2i, 2i+1) pairs. Their training error (logged only) is that of the batch-hard triplets.
     `aux["training_error"]` is the fraction of valid triplets with J_t > 0 (SPEC §1); triplet
@@ -247,13 +254,15 @@ def make_objective(config) -> Callable:
     """
     kind, loss_kind = str(config.mining.kind), str(config.loss.kind)
     settings = _loss_settings(config)
+    use_kappa = bool(config.mining.inbatch_kappa)
 
     def triplet_loss(embeddings, triplets: batch_miners.BatchTriplets, **overrides):
         return losses.triplet_objective(
             embeddings[triplets.anchor], embeddings[triplets.positive],
             embeddings[triplets.negative], mask=triplets.valid, **{**settings, **overrides})
 
-    def objective(key, embeddings, labels, mask, mined):
+    def objective(key, embeddings, labels, mask, mined, kappa=0.0):
+        boundary = kappa if use_kappa else None
         if kind == "smart":
             triplets = embeddings.reshape(-1, 3, embeddings.shape[-1])
             return losses.triplet_objective(triplets[:, 0], triplets[:, 1], triplets[:, 2],
@@ -261,14 +270,20 @@ def make_objective(config) -> Callable:
         if kind == "semihard":
             return triplet_loss(embeddings, batch_miners.semihard_triplets(
                 embeddings, labels, margin=settings["margin"], mask=mask,
-                fallback=str(config.mining.semihard_fallback)))
+                fallback=str(config.mining.semihard_fallback), kappa=boundary))
         if kind == "batch_hard":
             return triplet_loss(embeddings, batch_miners.batch_hard_triplets(
-                embeddings, labels, mask=mask))
+                embeddings, labels, mask=mask, kappa=boundary))
         if kind == "distance_weighted":
             return triplet_loss(embeddings, batch_miners.distance_weighted_triplets(
                 key, embeddings, labels, cutoff=float(config.mining.distance_cutoff),
-                nonzero_loss_cutoff=float(config.mining.nonzero_loss_cutoff), mask=mask))
+                nonzero_loss_cutoff=float(config.mining.nonzero_loss_cutoff), mask=mask,
+                kappa=boundary))
+        if kind == "all":
+            triplets = batch_miners.all_triplets(
+                embeddings, labels, mask=mask, kappa=boundary,
+                positives_per_anchor=int(config.train.samples_per_class) - 1)
+            return losses.indexed_triplet_objective(embeddings, *triplets, mask=mask, **settings)
         _, aux = triplet_loss(jax.lax.stop_gradient(embeddings),
                               batch_miners.batch_hard_triplets(embeddings, labels, mask=mask),
                               use_global=False)
@@ -286,8 +301,8 @@ def make_objective(config) -> Callable:
 
 
 def make_train_step(model, objective: Callable, augment: Callable) -> Callable:
-    """train_step(state, images u8[B, (3,) S, S, C], labels i32[B], mask bool[B], mined bool[B])
-    -> (state, m).
+    """train_step(state, images u8[B, (3,) S, S, C], labels i32[B], mask bool[B], mined bool[B],
+    kappa f32[] = 0) -> (state, m); `kappa` is the in-batch boundary of the epoch (0: none).
 
     Pure: the augmentation and objective keys are fold_in(rng, step), the images are augmented
     inside the step (random crop, flip, normalisation), the forward pass runs in train mode on
@@ -299,7 +314,7 @@ def make_train_step(model, objective: Callable, augment: Callable) -> Callable:
     loop stops at the next check of `finite` (`_run_steps`).
     """
 
-    def train_step(state: TrainState, images, labels, mask, mined):
+    def train_step(state: TrainState, images, labels, mask, mined, kappa=0.0):
         step_key = _key(state.rng, _STEP, state.step)
         augment_key, objective_key = jax.random.split(step_key)
         flat = images.reshape((-1, *images.shape[-3:]))
@@ -310,7 +325,7 @@ def make_train_step(model, objective: Callable, augment: Callable) -> Callable:
                 {"params": params, "batch_stats": state.batch_stats}, inputs, train=True,
                 mutable=["batch_stats"])
             loss, aux = objective(objective_key, embeddings.astype(jnp.float32), labels, mask,
-                                  mined)
+                                  mined, kappa)
             return loss, (aux, updates.get("batch_stats", state.batch_stats))
 
         (loss, (aux, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
@@ -394,6 +409,24 @@ def check_config(config) -> None:
               config.train.samples_per_class)
     if not 0.0 <= float(config.mining.mined_fraction) <= 1.0:
         _fail("mining.mined_fraction", "a value in [0, 1]", config.mining.mined_fraction)
+    if str(config.mining.batches) not in BATCH_SOURCES:
+        _fail("mining.batches", f"one of {BATCH_SOURCES}", config.mining.batches)
+    if config.mining.batches == "index" and config.mining.kind == "smart":
+        _fail("mining.batches", "'random' for mining.kind='smart' (triplet batches; 'index' "
+              "builds the image batches of the in-batch kinds)", config.mining.batches)
+    if config.mining.inbatch_kappa and config.mining.kind not in IN_BATCH_MINERS:
+        _fail("mining.inbatch_kappa", f"False unless mining.kind is one of {IN_BATCH_MINERS} "
+              "(the boundary skips in-batch negatives)", config.mining.inbatch_kappa)
+    if (config.mining.inbatch_kappa and config.mining.batches == "random"
+            and config.controller.kappa_init == controller.AUTO):
+        _fail("controller.kappa_init", "a number with mining.inbatch_kappa on random batches "
+              "('auto' calibrates κ₀ from the neighbour lists of mining.batches='index')",
+              config.controller.kappa_init)
+    if (config.mining.batches == "index" or config.mining.inbatch_kappa) and (
+            config.controller.error_on == "mined"):
+        _fail("controller.error_on", "'all' with image batches (mining.batches='index' or "
+              "mining.inbatch_kappa): in-batch triplets carry no mined flag, so a 'mined' "
+              "signal would never move κ", config.controller.error_on)
     if str(config.mining.backend) not in index.BACKENDS:
         _fail("mining.backend", f"one of {index.BACKENDS}", config.mining.backend)
     for field in ("learning_rate", "weight_decay", "head_lr_multiplier"):
@@ -585,6 +618,20 @@ class _EpochPlan:
     # The epoch's controller (κ₀ calibrated if "auto"), on the host: the train steps donate the
     # state it came from.
     controller: controller.ControllerState
+    # The in-batch boundary κ of the epoch's train steps (`mining.inbatch_kappa`; 0: none).
+    kappa: float = 0.0
+
+
+class _NeighbourLists(NamedTuple):
+    """A mining epoch's neighbour lists of this process's anchors and the controller they set."""
+
+    labels: np.ndarray  # i32[N] of the embedded training set
+    anchors: np.ndarray  # this process's anchor ids
+    ids: jax.Array  # i32[A, k]
+    sq_dists: jax.Array  # f32[A, k]
+    controller: controller.ControllerState  # κ₀ calibrated from the lists where "auto"
+    record: dict  # kappa, k, anchors, kappa_calibrated
+    seconds: dict  # embed, index
 
 
 class _Trainer:
@@ -740,6 +787,38 @@ class _Trainer:
             len(block), size=math.ceil(len(block) / per_anchor), replace=False)
         return block[np.sort(chosen)]
 
+    def mines_in_epoch(self, state: TrainState) -> bool:
+        """Whether the epoch that starts from `state` embeds, indexes and mines."""
+        if self.kind == "smart":
+            return bool(state.controller.mining) and float(self.config.mining.mined_fraction) > 0
+        return bool(state.controller.mining) and self.config.mining.batches == "index"
+
+    def _neighbour_lists(self, state: TrainState, epoch: int) -> _NeighbourLists:
+        """Embed the training set -> shards -> k nearest neighbours of this process's anchors;
+        calibrates κ₀ from the lists at the first mining epoch of kappa_init="auto"."""
+        config, ctrl = self.config, state.controller
+        start = time.perf_counter()
+        dump = self.workdir / "embeddings" / f"epoch_{epoch:04d}"
+        embeddings, labels, _ = self.embed_split(state, self.train, dump)
+        self._remove_old_dumps(keep=dump)
+        embedded = time.perf_counter()
+        anchors = self._epoch_anchors(state, epoch)
+        neighbour_ids, sq_dists = index.neighbours(
+            embeddings, self.neighbour_count(), backend=str(config.mining.backend),
+            query_ids=anchors, **self._index_options())
+        record: dict = {}
+        if controller.needs_initial_kappa(ctrl):
+            ratios = _all_processes(np.asarray(mining.boundary_ratios(
+                neighbour_ids, sq_dists, labels, anchor_ids=anchors,
+                chunk_size=int(config.mining.chunk_size))))
+            ctrl = controller.set_initial_kappa(ctrl, controller.kappa_for_share(
+                ratios, ctrl.config.kappa_init_share))
+            record["kappa_calibrated"] = True
+        record.update(kappa=float(ctrl.kappa), k=self.neighbour_count(), anchors=len(anchors))
+        return _NeighbourLists(labels, anchors, neighbour_ids, sq_dists, ctrl, record,
+                               {"embed": embedded - start,
+                                "index": time.perf_counter() - embedded})
+
     def _triplet_plan(self, state: TrainState, epoch: int) -> _EpochPlan:
         config, ctrl = self.config, state.controller
         fraction = float(config.mining.mined_fraction)
@@ -748,39 +827,22 @@ class _Trainer:
         seconds = {"embed": 0.0, "index": 0.0, "mine": 0.0}
         record: dict = {"mining": False, "kappa": None, "mined_fraction": 0.0,
                         "mined_fraction_target": 0.0}
-        if bool(ctrl.mining) and fraction > 0:
-            start = time.perf_counter()
-            dump = self.workdir / "embeddings" / f"epoch_{epoch:04d}"
-            embeddings, labels, _ = self.embed_split(state, self.train, dump)
-            self._remove_old_dumps(keep=dump)
-            embedded = time.perf_counter()
-            anchors = self._epoch_anchors(state, epoch)
-            neighbour_ids, sq_dists = index.neighbours(
-                embeddings, self.neighbour_count(), backend=str(config.mining.backend),
-                query_ids=anchors, **self._index_options())
-            indexed = time.perf_counter()
-            chunk_size = int(config.mining.chunk_size)
-            if controller.needs_initial_kappa(ctrl):
-                ratios = _all_processes(np.asarray(mining.boundary_ratios(
-                    neighbour_ids, sq_dists, labels, anchor_ids=anchors, chunk_size=chunk_size)))
-                ctrl = controller.set_initial_kappa(ctrl, controller.kappa_for_share(
-                    ratios, ctrl.config.kappa_init_share))
-                record["kappa_calibrated"] = True
-            kappa = float(ctrl.kappa)
+        if self.mines_in_epoch(state):
+            lists = self._neighbour_lists(state, epoch)
+            ctrl, labels = lists.controller, lists.labels
+            started = time.perf_counter()
             mined, info = mining.mine_triplets(
-                _key(state.rng, _MINE, epoch), neighbour_ids, sq_dists, labels, kappa,
-                triplets_per_anchor=int(config.train.triplets_per_anchor), anchor_ids=anchors,
-                chunk_size=chunk_size)
+                _key(state.rng, _MINE, epoch), lists.ids, lists.sq_dists, labels,
+                float(ctrl.kappa), triplets_per_anchor=int(config.train.triplets_per_anchor),
+                anchor_ids=lists.anchors, chunk_size=int(config.mining.chunk_size))
             triplets, stats = mining.epoch_triplets(
                 _key(state.rng, _ASSEMBLE, epoch, process), mined, labels,
                 mined_fraction=fraction, num_triplets=num_local)
             summary = jax.device_get(mining.mining_summary(mined, info))
             triplets = jax.device_get(triplets)
-            seconds.update(embed=embedded - start, index=indexed - embedded,
-                           mine=time.perf_counter() - indexed)
-            record.update(mining=True, kappa=kappa, mined_fraction=float(stats.mined_fraction),
-                          mined_fraction_target=fraction, k=self.neighbour_count(),
-                          anchors=len(anchors),
+            seconds.update(lists.seconds, mine=time.perf_counter() - started)
+            record.update(lists.record, mining=True, mined_fraction=float(stats.mined_fraction),
+                          mined_fraction_target=fraction,
                           fallbacks={name: int(value) for name, value in summary.items()})
         else:
             triplets = jax.device_get(mining.random_triplets(
@@ -798,15 +860,45 @@ class _Trainer:
                           mined_flags.reshape(shape), record, jax.device_get(ctrl))
 
     def _image_plan(self, state: TrainState, epoch: int) -> _EpochPlan:
-        seed = np.asarray(jax.device_get(_key(state.rng, _BATCHES, epoch, jax.process_index())))
-        ids = data.m_per_class_batches(
-            self.labels, self.local_images, int(self.config.train.samples_per_class),
-            seed=np.random.default_rng(seed.tolist()), num_batches=self.steps_per_epoch)
-        return _EpochPlan(ids, np.ones(ids.shape, bool), np.zeros(ids.shape, bool),
-                          {"mining": False, "kappa": None, "mined_fraction": 0.0,
-                           "mined_fraction_target": 0.0,
-                           "seconds": {"embed": 0.0, "index": 0.0, "mine": 0.0}},
-                          jax.device_get(state.controller))
+        """m-per-class image batches: at random, or (`mining.batches="index"`, mining epochs)
+        built from the neighbour lists by `mining.index_batches`."""
+        config, ctrl = self.config, state.controller
+        m = int(config.train.samples_per_class)
+        seconds = {"embed": 0.0, "index": 0.0, "mine": 0.0}
+        record: dict = {"mining": False, "kappa": None, "mined_fraction": 0.0,
+                        "mined_fraction_target": 0.0}
+        key = _key(state.rng, _BATCHES, epoch, jax.process_index())
+        if self.mines_in_epoch(state):
+            lists = self._neighbour_lists(state, epoch)
+            ctrl = lists.controller
+            started = time.perf_counter()
+            fraction = float(config.mining.mined_fraction)
+            ids, mask, info = mining.index_batches(
+                key, lists.ids, lists.sq_dists, lists.labels, float(ctrl.kappa),
+                classes_per_batch=self.local_images // m, samples_per_class=m,
+                num_batches=self.steps_per_epoch, smart_fraction=fraction,
+                anchor_ids=lists.anchors, chunk_size=int(config.mining.chunk_size))
+            ids, mask, info = jax.device_get((ids, mask, info))
+            seconds.update(lists.seconds, mine=time.perf_counter() - started)
+            pair_slots = self.steps_per_epoch * (self.local_images // m // 2)
+            record.update(lists.record, mining=True, mined_fraction_target=fraction,
+                          mined_fraction=float(np.sum(info.smart_pairs)) / max(pair_slots, 1),
+                          index_batches={
+                              "smart_pairs_per_batch": float(np.mean(info.smart_pairs)),
+                              "random_classes_per_batch": float(np.mean(info.random_classes)),
+                              "seeds_available": int(info.seeds_available)})
+        else:
+            seed = np.asarray(jax.device_get(key))
+            ids = data.m_per_class_batches(
+                self.labels, self.local_images, m, seed=np.random.default_rng(seed.tolist()),
+                num_batches=self.steps_per_epoch)
+            mask = np.ones(ids.shape, bool)
+        record["seconds"] = seconds
+        kappa = float(ctrl.kappa) if (config.mining.inbatch_kappa
+                                      and bool(ctrl.mining)) else 0.0
+        return _EpochPlan(np.asarray(ids, np.int32), np.asarray(mask, bool),
+                          np.zeros(ids.shape, bool), record, jax.device_get(ctrl),
+                          kappa=kappa if np.isfinite(kappa) else 0.0)
 
     def plan_epoch(self, state: TrainState, epoch: int) -> _EpochPlan:
         """The epoch's batches, a pure function of (state at the epoch's start, epoch)."""
@@ -1086,7 +1178,8 @@ def _run_steps(trainer: _Trainer, state: TrainState, plan: _EpochPlan, start: in
                 progress.set_postfix_str("compiling the train step")
             state, values = trainer.train_step(state, batch, trainer.put(batch_labels),
                                                trainer.put(plan.mask[position]),
-                                               trainer.put(plan.mined[position]))
+                                               trainer.put(plan.mined[position]),
+                                               np.float32(plan.kappa))
             step_metrics.append(values)
             if compiling:  # the rate (and ETA) counts from here, not from the compile
                 jax.block_until_ready(values["loss"])
@@ -1225,8 +1318,7 @@ def _train(trainer: _Trainer, checkpoints: _Checkpoints, best: _BestByValidation
             epoch_started = time.perf_counter()
             epoch_start_step = (int(epoch_start_state.step) if int(epoch_start_state.epoch) > 0
                                 else None)
-            mines = (trainer.kind == "smart" and bool(epoch_start_state.controller.mining)
-                     and float(config.mining.mined_fraction) > 0)
+            mines = trainer.mines_in_epoch(epoch_start_state)
             run_bar.set_postfix_str(f"epoch {epoch}: " + (
                 "embedding, neighbours, mining" if mines else "drawing batches"))
             plan = trainer.plan_epoch(epoch_start_state, epoch)

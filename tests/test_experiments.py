@@ -82,6 +82,15 @@ VARIANT_FIELDS = {
                           "loss.use_global": False},
     "lifted": {"mining.kind": "none", "loss.kind": "lifted", "model.l2_normalise": False},
     "npairs": {"mining.kind": "none", "loss.kind": "npairs", "train.samples_per_class": 2},
+    "inbatch_all": {"mining.kind": "all"},
+    "smart_batches": {"mining.kind": "all", "mining.batches": "index",
+                      "mining.inbatch_kappa": True, "controller.error_on": "all"},
+    "smart_batches_semihard": {"mining.kind": "semihard", "loss.triplet_loss": "margin",
+                               "loss.use_global": False, "mining.batches": "index",
+                               "mining.inbatch_kappa": True, "controller.error_on": "all"},
+    "smart_batches_dw": {"mining.kind": "distance_weighted", "loss.triplet_loss": "margin",
+                         "loss.use_global": False, "mining.batches": "index",
+                         "mining.inbatch_kappa": True, "controller.error_on": "all"},
 }
 # The first SPEC's Smart Mining: the variant sets these whatever the defaults are.
 SPEC_V1 = {"controller.error_on": "all", "controller.target_error": 0.5,

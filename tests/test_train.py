@@ -441,7 +441,8 @@ def test_every_variant_runs_one_epoch(folder, tmp_path, variant):
     assert EVAL_KEYS <= set(results)
     (record,) = _records(tmp_path / variant)
     assert np.isfinite(record["loss"]) and 0 <= record["training_error"] <= 1
-    smart_mining = config.mining.kind == "smart" and config.mining.mined_fraction > 0
+    smart_mining = (config.mining.kind == "smart" and config.mining.mined_fraction > 0
+                    or config.mining.batches == "index")
     assert record["mining"] == smart_mining
     if not smart_mining:  # embed / index / mine skipped: the time split records 0
         assert [record["seconds"][s] for s in ("embed", "index", "mine")] == [0, 0, 0]
@@ -461,12 +462,57 @@ def test_every_variant_runs_one_epoch(folder, tmp_path, variant):
     ("controller", "target_error", 1.5, r"^config\.controller\.target_error: must lie in"),
     ("data", "channels", 2, r"^data\.channels: expected 1 or 3"),
     ("model", "dtype", "float16", r"^model\.dtype='float16'"),
+    ("mining", "batches", "index", r"config\.mining\.batches='index': expected 'random' for "
+     r"mining\.kind='smart'"),
+    ("mining", "batches", "hard", r"config\.mining\.batches='hard'"),
+    ("mining", "inbatch_kappa", True, r"config\.mining\.inbatch_kappa=True: expected False "
+     r"unless"),
 ])
 def test_check_config_names_the_field(section, field, value, message):
     config = omniglot.get_config()
     config[section][field] = value
     with pytest.raises(ValueError, match=message):
         train.check_config(config)
+
+
+def test_check_config_refuses_a_mined_signal_or_an_uncalibrated_kappa_on_image_batches():
+    config = omniglot.get_config("smart_batches")
+    config.controller.error_on = "mined"
+    with pytest.raises(ValueError, match=r"config\.controller\.error_on='mined': expected 'all'"):
+        train.check_config(config)
+    config = omniglot.get_config("semihard")
+    config.mining.inbatch_kappa = True
+    with pytest.raises(ValueError, match=r"config\.controller\.kappa_init='auto': expected a "
+                                         r"number"):
+        train.check_config(config)
+    config.controller.update(kappa_init=2.0, error_on="all")
+    train.check_config(config)
+
+
+def test_index_built_batches_are_a_function_of_seed_and_epoch(folder, tmp_path):
+    """The plan of a mining epoch of `smart_batches`: class blocks of m, the κ boundary of the
+    epoch, and the same batches when the epoch is planned again (what a resumed run does)."""
+    data_dir, cache_dir = folder
+    for kappa_init in (1.0, "auto"):
+        config = tiny_config(data_dir, cache_dir, "smoke,smart_batches",
+                             controller={"random_epochs": 0, "kappa_init": kappa_init})
+        trainer = train._Trainer(config, tmp_path / str(kappa_init))
+        state = trainer.initial_state
+        first, again, other = (trainer.plan_epoch(state, epoch) for epoch in (1, 1, 2))
+        m = int(config.train.samples_per_class)
+        assert first.ids.shape == (trainer.steps_per_epoch, 24) == first.mask.shape
+        np.testing.assert_array_equal(first.ids, again.ids)
+        np.testing.assert_array_equal(first.mask, again.mask)
+        assert not np.array_equal(first.ids, other.ids)
+        blocks = trainer.labels[first.ids].reshape(trainer.steps_per_epoch, -1, m)
+        assert (blocks == blocks[..., :1]).all()  # each block of m holds one class
+        assert first.record["mining"] and first.record["seconds"]["index"] > 0
+        assert set(first.record["index_batches"]) == {
+            "smart_pairs_per_batch", "random_classes_per_batch", "seeds_available"}
+        assert first.kappa == first.record["kappa"] == float(first.controller.kappa)
+        assert first.record.get("kappa_calibrated", False) == (kappa_init == "auto")
+        if kappa_init == 1.0:
+            assert first.kappa == 1.0
 
 
 def test_check_config_accepts_every_variant():

@@ -69,8 +69,13 @@ def base_config() -> ml_collections.ConfigDict:
     })
     config.mining = ml_collections.ConfigDict({
         "kind": "smart",            # "smart" | "semihard" | "batch_hard" | "distance_weighted"
-                                    # | "none" (lifted / npairs)
-        "mined_fraction": 0.5,      # share of mined triplets from epoch 3 on (SPEC §2.5 choice)
+                                    # | "all" (every in-batch triplet) | "none" (lifted / npairs)
+        "mined_fraction": 0.5,      # share of mined triplets from epoch 3 on (SPEC §2.5 choice);
+                                    # index batches: share of a batch's class pairs seeded by an
+                                    # anchor and its smart negative
+        "batches": "random",        # image batches of the in-batch kinds: "random" m-per-class
+                                    # | "index" (built from the neighbour index, index_batches)
+        "inbatch_kappa": False,     # in-batch miners skip negatives inside κ · d²(a, p_nn)
         "k": 0,                     # neighbours per anchor; 0 = 2 × largest class (SPEC choice)
         "backend": "exact",         # "exact" (device) | "scann" (host)
         "scann_mode": "brute_force",  # | "tree_ah" (large sets)
@@ -154,6 +159,38 @@ def distance_weighted(config):
     _in_batch(config, "distance_weighted")
 
 
+def inbatch_all(config):
+    """Every valid in-batch triplet on random m-per-class batches, with Smart Mining's ratio +
+    global loss: the control for index-built batches (same loss, random batches)."""
+    config.mining.kind = "all"
+
+
+def _index_batches(config) -> None:
+    # The index builds the batches (mining epochs), the κ boundary holds inside them, and the
+    # controller steers κ by the in-batch triplets' error (they carry no mined flag).
+    config.mining.update(batches="index", inbatch_kappa=True)
+    config.controller.error_on = "all"
+
+
+def smart_batches(config):
+    """Index-built batches (the seeds' and their smart negatives' classes share a batch) with
+    every valid in-batch triplet, the κ boundary and the ratio + global loss."""
+    inbatch_all(config)
+    _index_batches(config)
+
+
+def smart_batches_semihard(config):
+    """Index-built batches with FaceNet semi-hard in-batch mining and the κ boundary."""
+    semihard(config)
+    _index_batches(config)
+
+
+def smart_batches_dw(config):
+    """Index-built batches with distance-weighted sampling and the κ boundary."""
+    distance_weighted(config)
+    _index_batches(config)
+
+
 def lifted(config):
     """Lifted structured loss (Song et al. 2016) on m-per-class batches, on the head's raw
     (unnormalised) embeddings as in the paper: on unit vectors every J_ij stays above
@@ -174,7 +211,8 @@ def npairs(config):
 VARIANTS: dict[str, Callable] = {
     function.__name__: function for function in (
         smart, smart_v1, smart_manual, index_no_global, random_global, semihard, batch_hard,
-        distance_weighted, lifted, npairs)
+        distance_weighted, lifted, npairs, inbatch_all, smart_batches, smart_batches_semihard,
+        smart_batches_dw)
 }
 
 
