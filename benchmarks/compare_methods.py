@@ -1119,6 +1119,10 @@ def _parse_args(argv=None):
     parser.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
                         help="a config override for every run, e.g. --set "
                              "train.batch_size=64 (repeatable)")
+    parser.add_argument("--tuned", default=None, metavar="JSON",
+                        help="per-variant overrides {variant: {field: value}} from "
+                             "benchmarks/tuning_sweep.py (benchmarks/tuned.json): each "
+                             "variant's runs get its own (use a separate --runs-dir)")
     args = parser.parse_args(argv)
     args.variants = [v for v in (args.variants or ",".join(
         SMOKE_VARIANTS if args.smoke else VARIANTS)).split(",") if v]
@@ -1145,6 +1149,10 @@ def _parse_args(argv=None):
         parser.error(str(error))
     if any("=" not in item for item in args.set):
         parser.error("--set: expected FIELD=VALUE, e.g. train.batch_size=64")
+    try:
+        args.tuned = load_tuned(args.tuned)
+    except ValueError as error:
+        parser.error(str(error))
     if not args.report_only and not args.data_dir.is_dir():
         parser.error(f"--data-dir: {args.data_dir} is not a folder (Omniglot with "
                      "images_background/ and images_evaluation/)")
@@ -1156,6 +1164,24 @@ def _parse_args(argv=None):
             print(pml_peer.missing_message(missing), file=sys.stderr)
             sys.exit(2)
     return args
+
+
+def load_tuned(path: str | None) -> dict[str, dict]:
+    """{variant: {field: value}} of a `tuning_sweep.py` choice file ({} without one)."""
+    if path is None:
+        return {}
+    try:
+        tuned = json.loads(Path(path).read_text())
+    except (OSError, json.JSONDecodeError) as error:
+        raise ValueError(f"--tuned: cannot read {path}: {error}") from None
+    if not isinstance(tuned, dict) or not all(
+            isinstance(v, dict) and all(isinstance(f, str) and "." in f for f in v)
+            for v in tuned.values()):
+        raise ValueError(f"--tuned: {path} must hold {{variant: {{section.field: value}}}}")
+    unknown = sorted(set(tuned) - {*VARIANTS, PEER})
+    if unknown:
+        raise ValueError(f"--tuned: {path} names unknown variants {unknown}")
+    return tuned
 
 
 def main(argv=None) -> None:
@@ -1174,7 +1200,8 @@ def main(argv=None) -> None:
             jobs, runs_dir=args.runs_dir, epochs=args.epochs,
             command_for=lambda name, seed, workdir: run_command(
                 name, seed, workdir=workdir, epochs=args.epochs, data_dir=args.data_dir,
-                smoke=args.smoke, overrides=args.set))
+                smoke=args.smoke, overrides=[*args.set, *(
+                    f"{field}={value}" for field, value in args.tuned.get(name, {}).items())]))
     # The report covers every run in the cache, whichever invocation (or session) trained it.
     names, seeds = reported_runs(args.runs_dir, names, args.seeds)
     commands = distinct_commands(history, command)
