@@ -1,6 +1,6 @@
 """The paper's comparison on Omniglot (issue 6): every variant × seeds, then RESULTS.md + figures.
 
-    python benchmarks/compare_methods.py --peer          # 9 variants × 3 seeds + PyTorch peer
+    python benchmarks/compare_methods.py --peer          # every variant × 3 seeds + PyTorch peer
     python benchmarks/compare_methods.py --smoke         # smart + semihard, seed 0, tiny subset
     python benchmarks/compare_methods.py --report-only   # rewrite the report from the runs
 

@@ -37,6 +37,9 @@ CONTRACT = {
         ["key", "neighbour_ids", "neighbour_sq_dists", "labels", "kappa"],
         {"triplets_per_anchor": 1}),
     "smine_jax.mining.random_triplets": (["key", "labels", "num_triplets"], {}),
+    "smine_jax.mining.index_batches": (
+        ["key", "neighbour_ids", "neighbour_sq_dists", "labels", "kappa"],
+        {"classes_per_batch": _EMPTY, "samples_per_class": _EMPTY}),
     # DESIGN's "config_or_kwargs": a config positionally, or keyword overrides (checked below).
     "smine_jax.controller.init": (["config"], {}),
     "smine_jax.controller.update": (["state", "training_error"], {}),
