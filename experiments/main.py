@@ -28,6 +28,18 @@ _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Experiment config file (get_config), variants after a colon.",
     lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs and metrics.")
+# Several processes (jax.distributed): the three flags together, or --distributed alone where
+# JAX detects them itself (Cloud TPU, SLURM, Open MPI, Kubernetes).
+_COORDINATOR = flags.DEFINE_string(
+    "coordinator_address", None, "host:port of process 0's coordinator (several processes).")
+_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Processes in the run.")
+_PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index, 0-based.")
+_DISTRIBUTED = flags.DEFINE_bool(
+    "distributed", False, "jax.distributed.initialize() with the cluster's own settings "
+    "(Cloud TPU, SLURM, Open MPI); implied by --coordinator_address.")
+_HEARTBEAT = flags.DEFINE_integer(
+    "heartbeat_timeout", 60, "Seconds without a heartbeat after which the run counts a process "
+    "as lost and every other process stops (several processes).")
 
 _SECTIONS = ("data.", "model.", "train.", "optimizer.", "loss.", "mining.", "controller.",
              "subset.")
@@ -131,8 +143,38 @@ def _check_workdir(workdir: str) -> None:
                      "choose a writable folder")
 
 
+def _start_processes() -> None:
+    """jax.distributed.initialize() from the flags, before anything touches a device: with
+    --coordinator_address all three flags are required; --distributed alone lets JAX find them
+    (Cloud TPU, SLURM, Open MPI); neither: one process."""
+    given = {"--coordinator_address": _COORDINATOR.value, "--num_processes": _NUM_PROCESSES.value,
+             "--process_id": _PROCESS_ID.value}
+    if not any(value is not None for value in given.values()) and not _DISTRIBUTED.value:
+        return
+    missing = [name for name, value in given.items() if value is None]
+    if missing and len(missing) < len(given):
+        present = ", ".join(name for name in given if name not in missing)
+        _usage_error(f"{missing[0]}: required with {present} (set all three, or --distributed "
+                     "alone on a cluster JAX detects)")
+    if _NUM_PROCESSES.value is not None and _NUM_PROCESSES.value < 1:
+        _usage_error(f"--num_processes={_NUM_PROCESSES.value}: expected an integer >= 1")
+    if _PROCESS_ID.value is not None and not 0 <= _PROCESS_ID.value < _NUM_PROCESSES.value:
+        _usage_error(f"--process_id={_PROCESS_ID.value}: expected 0 <= id < --num_processes="
+                     f"{_NUM_PROCESSES.value}")
+    import jax
+
+    try:
+        jax.distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value,
+                                   heartbeat_timeout_seconds=_HEARTBEAT.value)
+    except (RuntimeError, ValueError) as error:
+        print(f"error: jax.distributed.initialize failed: {_one_line(str(error))}",
+              file=sys.stderr)
+        sys.exit(1)
+
+
 def _main(dataset: str, argv: list[str]) -> None:
     del argv
+    _start_processes()
     from smine_jax import data, train
 
     logging.get_absl_handler().addFilter(_QuietLibraries())

@@ -4,7 +4,8 @@ One epoch of Smart Mining (SPEC §2–3; Harwood et al. 2017, Algorithm 1 and Eq
 
     embed the training set (eval mode, jitted, sharded, padded batches: every image once)
       -> write this process's embedding shard under workdir/embeddings/epoch_XXXX
-      -> read all shards -> index.neighbours (k nearest other samples of this process's anchors)
+      -> read all shards -> index.neighbours (k nearest other samples of the epoch's anchors;
+         each process searches for its own block, the lists are shared)
       -> mining.mine_triplets with κ from the controller (the first mining epoch of
          controller.kappa_init="auto" calibrates κ₀ from the lists first) on every anchor, or
          on a random 1/T of them with T = train.triplets_per_anchor slots each
@@ -34,9 +35,12 @@ replaying the mining from the epoch's starting checkpoint (deterministic), and t
 from that position. SIGKILL resumes from the last completed epoch.
 
 Data parallelism: `jax.jit` over a `Mesh` of all devices, batches sharded on the `data` axis,
-parameters replicated (no pmap). Multi-host: each process embeds its contiguous slice of the
-training set, writes its own shard, reads all shards, mines its own anchors and feeds its local
-part of every global batch. The workdir must be on a filesystem shared by all processes.
+parameters replicated (no pmap). Several processes (jax.distributed): each process embeds its
+contiguous slice of the training set, writes its own shard and reads all shards; it searches the
+neighbours of the anchors in its slice and the lists are gathered, so every process builds the
+same global plan (mining is cheap next to the search) and feeds its slice of every global batch:
+a run of P processes trains exactly what one process with P devices trains. The workdir must be
+on a filesystem shared by all processes.
 """
 
 from __future__ import annotations
@@ -209,8 +213,19 @@ def create_train_state(config, model, image_shape, steps_per_epoch: int) -> Trai
 
 def replicated_state(state: TrainState, sharding) -> TrainState:
     """`state` placed with `sharding` (replicated), one buffer per leaf: the train step donates
-    the state, and equal leaves may share a buffer (e.g. the controller's NaN fit)."""
-    return jax.device_put(jax.tree.map(jnp.copy, state), sharding)
+    the state, and equal leaves may share a buffer (e.g. the controller's NaN fit).
+
+    With several processes every process holds the same state (same seed, or the same
+    checkpoint) and places its own copy on its devices: jax.device_put would first check that
+    the values agree across processes, which fails on NaN leaves (NaN != NaN)."""
+    if jax.process_count() == 1:
+        return jax.device_put(jax.tree.map(jnp.copy, state), sharding)
+
+    def place(leaf):
+        host = np.asarray(jax.device_get(leaf))
+        return jax.make_array_from_callback(host.shape, sharding, lambda index: host[index])
+
+    return jax.tree.map(place, state)
 
 
 def _key(rng, *path: int) -> jax.Array:
@@ -576,18 +591,19 @@ class _PreemptionGuard:
         return False
 
 
-def _all_processes(values: np.ndarray) -> np.ndarray:
-    """The 1-D `values` of every process, concatenated in process order (this process's alone
-    with one process); the parts may differ in length."""
+def _gather_rows(rows):
+    """The rows of every process, concatenated in process order (`rows` itself with one
+    process); the parts may differ in length."""
     if jax.process_count() == 1:
-        return values
+        return rows
     from jax.experimental import multihost_utils
 
-    longest = int(np.max(multihost_utils.process_allgather(np.int32(len(values)))))
-    padded = np.full(longest, np.nan, np.float32)
-    padded[:len(values)] = values
-    gathered = np.asarray(multihost_utils.process_allgather(padded)).reshape(-1)
-    return gathered[~np.isnan(gathered)]
+    rows = np.asarray(rows)
+    counts = np.asarray(multihost_utils.process_allgather(np.int32(len(rows)))).reshape(-1)
+    padded = np.zeros((int(counts.max()), *rows.shape[1:]), rows.dtype)
+    padded[:len(rows)] = rows
+    gathered = np.asarray(multihost_utils.process_allgather(padded))
+    return np.concatenate([part[:count] for part, count in zip(gathered, counts, strict=True)])
 
 
 def _finite_or_none(value: float) -> float | None:
@@ -669,14 +685,15 @@ class _Trainer:
         augment, center = data.preprocessors(config.data)
         image_shape = (data_config["crop_size"],) * 2 + (data_config["channels"],)
 
+        # The epoch's plan is global (N triplets, or 3N images, in global batches, the same on
+        # every process); each process feeds its slice of every batch.
         process_count = jax.process_count()
-        local_rows = math.ceil(self.num_train / process_count)  # N triplets an epoch
         self.local_batch = int(config.train.batch_size) // process_count
         self.local_images = inbatch_images(config) // process_count
         if self.kind == "smart":
-            self.steps_per_epoch = math.ceil(local_rows / self.local_batch)
+            self.steps_per_epoch = math.ceil(self.num_train / int(config.train.batch_size))
         else:  # as many images an epoch as the triplet variants: 3 per triplet
-            self.steps_per_epoch = math.ceil(3 * local_rows / self.local_images)
+            self.steps_per_epoch = math.ceil(3 * self.num_train / inbatch_images(config))
         self.embed_local_batch = int(config.train.embed_batch_size) // process_count
 
         self.initial_state = self.own_buffers(
@@ -711,7 +728,7 @@ class _Trainer:
                              f"with two images (got class sizes {sizes.tolist()[:10]}...)")
         if self.kind != "smart":
             m = int(config.train.samples_per_class)
-            needed = inbatch_images(config) // jax.process_count() // m
+            needed = inbatch_images(config) // m
             if (sizes >= 2).sum() < needed:
                 _fail("train.inbatch_images", f"at most {m} × the {int((sizes >= 2).sum())} "
                       f"training classes with two images or more (m-per-class batches of "
@@ -774,18 +791,26 @@ class _Trainer:
         return embeddings, labels, ids
 
     def _epoch_anchors(self, state: TrainState, epoch: int) -> np.ndarray:
-        """This process's anchors of a mining epoch: its whole block of ids, or with T =
-        `train.triplets_per_anchor` > 1 a random ⌈1/T⌉ of it (sorted; a function of (seed,
+        """The anchors of a mining epoch (the same on every process): every id, or with T =
+        `train.triplets_per_anchor` > 1 a random ⌈N/T⌉ of them (sorted; a function of (seed,
         epoch)), so that an epoch still trains on N triplets."""
-        block = _local_block(self.num_train)
+        ids = np.arange(self.num_train, dtype=np.int32)
         per_anchor = int(self.config.train.triplets_per_anchor)
         if per_anchor == 1:
-            return block
-        seed = np.asarray(jax.device_get(
-            _key(state.rng, _ANCHORS, epoch, jax.process_index())))
+            return ids
+        seed = np.asarray(jax.device_get(_key(state.rng, _ANCHORS, epoch, 0)))
         chosen = np.random.default_rng(seed.tolist()).choice(
-            len(block), size=math.ceil(len(block) / per_anchor), replace=False)
-        return block[np.sort(chosen)]
+            len(ids), size=math.ceil(len(ids) / per_anchor), replace=False)
+        return ids[np.sort(chosen)]
+
+    def _local_part(self, batches: np.ndarray) -> np.ndarray:
+        """This process's slice of every global batch ([steps, batch, ...] -> [steps,
+        batch / processes, ...]): process p feeds rows p·b … (p + 1)·b − 1 of each."""
+        if jax.process_count() == 1:
+            return batches
+        size = batches.shape[1] // jax.process_count()
+        start = jax.process_index() * size
+        return batches[:, start:start + size]
 
     def mines_in_epoch(self, state: TrainState) -> bool:
         """Whether the epoch that starts from `state` embeds, indexes and mines."""
@@ -794,7 +819,8 @@ class _Trainer:
         return bool(state.controller.mining) and self.config.mining.batches == "index"
 
     def _neighbour_lists(self, state: TrainState, epoch: int) -> _NeighbourLists:
-        """Embed the training set -> shards -> k nearest neighbours of this process's anchors;
+        """Embed the training set -> shards -> k nearest neighbours of the epoch's anchors (each
+        process searches for those in its block, then all processes share the lists);
         calibrates κ₀ from the lists at the first mining epoch of kappa_init="auto"."""
         config, ctrl = self.config, state.controller
         start = time.perf_counter()
@@ -803,14 +829,16 @@ class _Trainer:
         self._remove_old_dumps(keep=dump)
         embedded = time.perf_counter()
         anchors = self._epoch_anchors(state, epoch)
+        block = _local_block(self.num_train)
+        own = anchors[np.isin(anchors, block)] if jax.process_count() > 1 else anchors
         neighbour_ids, sq_dists = index.neighbours(
             embeddings, self.neighbour_count(), backend=str(config.mining.backend),
-            query_ids=anchors, **self._index_options())
+            query_ids=own, **self._index_options())
+        neighbour_ids, sq_dists = _gather_rows(neighbour_ids), _gather_rows(sq_dists)
         record: dict = {}
         if controller.needs_initial_kappa(ctrl):
-            ratios = _all_processes(np.asarray(mining.boundary_ratios(
-                neighbour_ids, sq_dists, labels, anchor_ids=anchors,
-                chunk_size=int(config.mining.chunk_size))))
+            ratios = mining.boundary_ratios(neighbour_ids, sq_dists, labels, anchor_ids=anchors,
+                                            chunk_size=int(config.mining.chunk_size))
             ctrl = controller.set_initial_kappa(ctrl, controller.kappa_for_share(
                 ratios, ctrl.config.kappa_init_share))
             record["kappa_calibrated"] = True
@@ -822,8 +850,6 @@ class _Trainer:
     def _triplet_plan(self, state: TrainState, epoch: int) -> _EpochPlan:
         config, ctrl = self.config, state.controller
         fraction = float(config.mining.mined_fraction)
-        num_local = len(_local_block(self.num_train))
-        process = jax.process_index()
         seconds = {"embed": 0.0, "index": 0.0, "mine": 0.0}
         record: dict = {"mining": False, "kappa": None, "mined_fraction": 0.0,
                         "mined_fraction_target": 0.0}
@@ -836,8 +862,8 @@ class _Trainer:
                 float(ctrl.kappa), triplets_per_anchor=int(config.train.triplets_per_anchor),
                 anchor_ids=lists.anchors, chunk_size=int(config.mining.chunk_size))
             triplets, stats = mining.epoch_triplets(
-                _key(state.rng, _ASSEMBLE, epoch, process), mined, labels,
-                mined_fraction=fraction, num_triplets=num_local)
+                _key(state.rng, _ASSEMBLE, epoch, 0), mined, labels,
+                mined_fraction=fraction, num_triplets=self.num_train)
             summary = jax.device_get(mining.mining_summary(mined, info))
             triplets = jax.device_get(triplets)
             seconds.update(lists.seconds, mine=time.perf_counter() - started)
@@ -846,18 +872,20 @@ class _Trainer:
                           fallbacks={name: int(value) for name, value in summary.items()})
         else:
             triplets = jax.device_get(mining.random_triplets(
-                _key(state.rng, _RANDOM, epoch, process), self.labels, num_local))
+                _key(state.rng, _RANDOM, epoch, 0), self.labels, self.num_train))
         rows = np.stack([triplets.anchor, triplets.positive, triplets.negative], axis=1)
         mined_flags = np.asarray(triplets.mined, bool)
         if bool(config.train.save_triplets):
             self._save_triplets(epoch, rows, mined_flags)
-        num_rows = self.steps_per_epoch * self.local_batch
+        batch_size = int(config.train.batch_size)
+        num_rows = self.steps_per_epoch * batch_size
         ids, mask = _pad_rows(rows.astype(np.int32), num_rows)
         mined_flags = np.concatenate([mined_flags, np.zeros(num_rows - len(rows), bool)])
         record["seconds"] = seconds
-        shape = (self.steps_per_epoch, self.local_batch)
-        return _EpochPlan(ids.reshape(*shape, 3), mask.reshape(shape),
-                          mined_flags.reshape(shape), record, jax.device_get(ctrl))
+        shape = (self.steps_per_epoch, batch_size)
+        return _EpochPlan(*(self._local_part(x) for x in (
+            ids.reshape(*shape, 3), mask.reshape(shape), mined_flags.reshape(shape))),
+            record, jax.device_get(ctrl))
 
     def _image_plan(self, state: TrainState, epoch: int) -> _EpochPlan:
         """m-per-class image batches: at random, or (`mining.batches="index"`, mining epochs)
@@ -867,7 +895,8 @@ class _Trainer:
         seconds = {"embed": 0.0, "index": 0.0, "mine": 0.0}
         record: dict = {"mining": False, "kappa": None, "mined_fraction": 0.0,
                         "mined_fraction_target": 0.0}
-        key = _key(state.rng, _BATCHES, epoch, jax.process_index())
+        key = _key(state.rng, _BATCHES, epoch, 0)
+        images = inbatch_images(config)
         if self.mines_in_epoch(state):
             lists = self._neighbour_lists(state, epoch)
             ctrl = lists.controller
@@ -875,12 +904,12 @@ class _Trainer:
             fraction = float(config.mining.mined_fraction)
             ids, mask, info = mining.index_batches(
                 key, lists.ids, lists.sq_dists, lists.labels, float(ctrl.kappa),
-                classes_per_batch=self.local_images // m, samples_per_class=m,
+                classes_per_batch=images // m, samples_per_class=m,
                 num_batches=self.steps_per_epoch, smart_fraction=fraction,
                 anchor_ids=lists.anchors, chunk_size=int(config.mining.chunk_size))
             ids, mask, info = jax.device_get((ids, mask, info))
             seconds.update(lists.seconds, mine=time.perf_counter() - started)
-            pair_slots = self.steps_per_epoch * (self.local_images // m // 2)
+            pair_slots = self.steps_per_epoch * (images // m // 2)
             record.update(lists.record, mining=True, mined_fraction_target=fraction,
                           mined_fraction=float(np.sum(info.smart_pairs)) / max(pair_slots, 1),
                           index_batches={
@@ -890,14 +919,15 @@ class _Trainer:
         else:
             seed = np.asarray(jax.device_get(key))
             ids = data.m_per_class_batches(
-                self.labels, self.local_images, m, seed=np.random.default_rng(seed.tolist()),
+                self.labels, images, m, seed=np.random.default_rng(seed.tolist()),
                 num_batches=self.steps_per_epoch)
             mask = np.ones(ids.shape, bool)
         record["seconds"] = seconds
         kappa = float(ctrl.kappa) if (config.mining.inbatch_kappa
                                       and bool(ctrl.mining)) else 0.0
-        return _EpochPlan(np.asarray(ids, np.int32), np.asarray(mask, bool),
-                          np.zeros(ids.shape, bool), record, jax.device_get(ctrl),
+        ids, mask = self._local_part(np.asarray(ids, np.int32)), self._local_part(
+            np.asarray(mask, bool))
+        return _EpochPlan(ids, mask, np.zeros(ids.shape, bool), record, jax.device_get(ctrl),
                           kappa=kappa if np.isfinite(kappa) else 0.0)
 
     def plan_epoch(self, state: TrainState, epoch: int) -> _EpochPlan:
@@ -907,10 +937,12 @@ class _Trainer:
         return self._image_plan(state, epoch)
 
     def _save_triplets(self, epoch: int, rows: np.ndarray, mined: np.ndarray) -> None:
-        """workdir/triplets/epoch_EEEE[_pP].npz: this process's triplets of the epoch (train-split
-        ids, columns anchor / positive / negative, in training order) and which were mined."""
-        suffix = f"_p{jax.process_index()}" if jax.process_count() > 1 else ""
-        path = self.workdir / "triplets" / f"epoch_{epoch:04d}{suffix}.npz"
+        """workdir/triplets/epoch_EEEE.npz: the epoch's triplets (train-split ids, columns
+        anchor / positive / negative, in training order) and which were mined; process 0
+        writes it (the plan is the same on every process)."""
+        if jax.process_index():
+            return
+        path = self.workdir / "triplets" / f"epoch_{epoch:04d}.npz"
         path.parent.mkdir(parents=True, exist_ok=True)
 
         def write(handle):
