@@ -17,6 +17,7 @@ import logging as std_logging
 import os
 import re
 import sys
+import traceback
 from pathlib import Path
 
 from absl import app, flags, logging
@@ -143,6 +144,25 @@ def _check_workdir(workdir: str) -> None:
                      "choose a writable folder")
 
 
+def _several_processes() -> bool:
+    import jax
+
+    return jax.distributed.is_initialized() and jax.process_count() > 1
+
+
+def _fail(message: str, status: int) -> None:
+    """One line `error: ...` and exit `status`. With several processes the exit skips JAX's
+    shutdown barrier, which would wait (then abort with a C++ trace) for the processes that
+    are still running; they see this one gone at their next collective and stop too."""
+    print(f"error: {_one_line(message)}", file=sys.stderr)
+    if _several_processes():
+        logging.flush()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(status)
+    sys.exit(status)
+
+
 def _start_processes() -> None:
     """jax.distributed.initialize() from the flags, before anything touches a device: with
     --coordinator_address all three flags are required; --distributed alone lets JAX find them
@@ -191,20 +211,27 @@ def _main(dataset: str, argv: list[str]) -> None:
     try:
         results = train.train_and_evaluate(config, _WORKDIR.value)
     except ValueError as error:
-        _usage_error(str(error))
-    except (data.ImageReadError, data.DownloadError) as error:
-        print(f"error: {_one_line(str(error))}", file=sys.stderr)
-        sys.exit(1)
-    except (train.Diverged, train.CheckpointError, train.DiskFull) as error:
-        print(f"error: {_one_line(str(error))}", file=sys.stderr)
-        sys.exit(1)
-    except train.Preempted as error:
+        _fail(_flag_message(str(error)), EXIT_USAGE)
+    except (data.ImageReadError, data.DownloadError, train.Diverged, train.CheckpointError,
+            train.DiskFull, train.SharedWorkdirError) as error:
+        _fail(str(error), 1)
+    except train.Preempted as error:  # every process stops at the same step: a clean exit
         logging.warning("%s", error)
         sys.exit(128 + error.signum)
     except KeyboardInterrupt:  # Ctrl-C before the training loop: nothing to save yet
-        print("error: interrupted (Ctrl-C) before training started; nothing was saved, rerun "
-              "the same command", file=sys.stderr)
-        sys.exit(EXIT_INTERRUPTED)
+        _fail("interrupted (Ctrl-C) before training started; nothing was saved, rerun the "
+              "same command", EXIT_INTERRUPTED)
+    except Exception as error:  # noqa: BLE001 - several processes: never wait at the exit
+        if not _several_processes():
+            raise
+        import jax
+
+        if isinstance(error, jax.errors.JaxRuntimeError):
+            _fail("another process of the run stopped or cannot be reached (JAX: "
+                  f"{str(error).splitlines()[0][:200]}); start every process again with the "
+                  "same command: the run resumes from its last checkpoint", 1)
+        traceback.print_exc()
+        _fail(f"{type(error).__name__}: {error}", 1)
     print(json.dumps({"final_test_metrics": results}, sort_keys=True))
 
 

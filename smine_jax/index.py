@@ -36,6 +36,7 @@ import functools
 import json
 import math
 import os
+import time
 import zlib
 from collections.abc import Callable
 from typing import Any
@@ -231,6 +232,31 @@ def _open_shard_arrays(directory: str, manifest_path: str, manifest: dict,
                 f"says {np.dtype(_DTYPES[name]).name} {expected_shapes[name]}")
         arrays[name] = array
     return arrays
+
+
+def wait_for_shards(directory, num_shards: int, *, timeout: float, poll: float = 0.2) -> None:
+    """Returns once every shard 0..num_shards-1 of the dump has its manifest in `directory`.
+
+    Several processes each write their own shard into a shared workdir; one that cannot see
+    the others' shards after `timeout` seconds is not sharing that folder with them. Raises
+    ShardError naming the first missing manifest's path and that requirement.
+    """
+    _check_shard_index(0, num_shards)
+    directory = os.fspath(directory)
+    expected = [os.path.join(directory, _shard_stem(shard, num_shards) + _MANIFEST_SUFFIX)
+                for shard in range(num_shards)]
+    deadline = time.monotonic() + max(float(timeout), 0.0)
+    while True:
+        missing = [path for path in expected if not os.path.exists(path)]
+        if not missing:
+            return
+        if time.monotonic() >= deadline:
+            raise ShardError(
+                f"{missing[0]}: this shard of the embedding dump did not appear within "
+                f"{float(timeout):g} s ({len(missing)} of {num_shards} missing); every process "
+                "of a run must see one shared workdir (NFS, GCS FUSE, ...): give all of them "
+                "the same --workdir on a filesystem they share")
+        time.sleep(poll)
 
 
 def read_shards(directory, *, verify_checksums: bool = True):

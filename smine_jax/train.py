@@ -95,7 +95,7 @@ TRIPLET_LOSSES = ("ratio", "margin")
 # already in the checkpoint): more epochs, evaluation frequency, the terminal, I/O settings.
 RESUMABLE_FIELDS = (
     "train.epochs", "train.eval_every", "train.progress", "train.checkpoints_to_keep",
-    "train.save_triplets",
+    "train.save_triplets", "train.shard_timeout",
     "train.prefetch", "data.num_workers", "data.cache_dir", "data.download_url",
 )
 
@@ -113,6 +113,10 @@ class Diverged(RuntimeError):
 
 class DiskFull(RuntimeError):
     """A write into the workdir found no space left; what is on disk is consistent."""
+
+
+class SharedWorkdirError(RuntimeError):
+    """Another process's embedding shard never appeared: the workdir is not shared."""
 
 
 class CheckpointError(RuntimeError):
@@ -611,7 +615,8 @@ def _finite_or_none(value: float) -> float | None:
 
 
 def _sync(name: str) -> None:
-    """Barrier across processes (no-op with one process)."""
+    """Barrier across processes (no-op with one process). Every process must pass the same
+    `name`: no absolute paths in it (a workdir spelled differently must still meet)."""
     if jax.process_count() > 1:
         from jax.experimental import multihost_utils
 
@@ -784,7 +789,13 @@ class _Trainer:
         embeddings = np.concatenate([self.local_rows(out)[batch.mask] for batch, out in outputs])
         index.write_shard(directory, embeddings, np.asarray(split.labels)[ids], ids,
                           shard=jax.process_index(), num_shards=jax.process_count())
-        _sync(f"shards {directory}")
+        _sync(f"shards {directory.name}")
+        if jax.process_count() > 1:
+            try:
+                index.wait_for_shards(directory, jax.process_count(),
+                                      timeout=float(self.config.train.shard_timeout))
+            except index.ShardError as error:
+                raise SharedWorkdirError(str(error)) from None
         embeddings, labels, ids = index.read_shards(directory)
         if not np.array_equal(ids, np.arange(len(images))):
             raise RuntimeError(f"{directory}: the embedding dump does not cover every image once")
@@ -958,7 +969,7 @@ class _Trainer:
 
     def _remove_old_dumps(self, keep: Path) -> None:
         """Keeps only the latest epoch's embedding dump."""
-        _sync(f"dumps read {keep}")
+        _sync(f"dumps read {keep.name}")
         if jax.process_index():
             return
         for path in keep.parent.glob("epoch_*"):
@@ -1050,7 +1061,7 @@ class _Checkpoints:
                 target = aside / str(step)
                 shutil.rmtree(target, ignore_errors=True)
                 os.replace(self.directory / str(step), target)
-        _sync(f"damaged checkpoints moved {self.directory}")
+        _sync(f"damaged checkpoints moved {self.directory.name}")
         self.manager.reload()
 
     def restore(self, step: int, abstract_state: TrainState) -> tuple[TrainState, dict]:

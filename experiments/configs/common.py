@@ -53,6 +53,8 @@ def base_config() -> ml_collections.ConfigDict:
         "embed_batch_size": 256,    # images per batch of the embedding / evaluation pass
         "eval_every": 5,            # epochs between test evaluations (and at the end)
         "prefetch": 2,              # batches gathered ahead of the train step
+        "shard_timeout": 120.0,     # seconds a process waits for the others' embedding shards
+                                    # (several processes: the workdir must be shared)
         "checkpoints_to_keep": 3,
         "progress": True,           # tqdm bar per epoch
         "save_triplets": True,      # each epoch's triplet ids to workdir/triplets (analysis)
