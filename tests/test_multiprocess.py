@@ -10,10 +10,13 @@ import signal
 import socket
 import subprocess
 import time
+from pathlib import Path
 
 import pytest
 from test_experiments import _cli, _epoch_records, _run_cli, _Watcher
 from test_train import make_omniglot_folder
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
 
 # A small run with enough steps an epoch (48 at batch 8) to be killed in the middle of one.
 ARGS = ["--config=experiments/configs/omniglot.py:smoke", "--config.data.image_size=48",
@@ -124,3 +127,26 @@ def test_the_process_flags_come_together_or_not_at_all(tmp_path):
     assert result.returncode == 2
     assert re.search(r"^error: --process_id=2: expected 0 <= id < --num_processes=2",
                      result.stderr.strip().splitlines()[-1]), result.stderr[-2000:]
+
+
+def test_the_benchmark_splits_the_mining_epochs_by_phase(tmp_path):
+    import sys
+
+    sys.path.insert(0, str(REPO_ROOT / "benchmarks"))
+    import multiprocess_bench as bench
+
+    seconds = {"embed": 1.0, "index": 2.0, "mine": 0.5, "train": 10.0, "eval": 3.0}
+    records = [{"mining": False, "seconds": {**seconds, "train": 8.0}},
+               {"mining": True, "seconds": seconds},
+               {"mining": True, "seconds": {**seconds, "embed": 3.0}}]
+    split = bench.phase_seconds(records)
+    assert split == {**seconds, "embed": 2.0, "random epoch train": 8.0}
+    final = {"final_test_metrics": {"recall@1": 0.5}}
+    text = bench.table({bench.SETTINGS[1]: (split, final), bench.SETTINGS[2]: (split, final),
+                        bench.SETTINGS[0]: (split, {"final_test_metrics": {"recall@1": 0.4}})})
+    rows = text.splitlines()[2:]
+    assert [row.endswith("| yes |") for row in rows] == [True, True, False]
+    two = bench.commands(bench.SETTINGS[2], tmp_path, ["--config.train.epochs=3"])
+    assert [argv[-1] for argv, _ in two] == ["--process_id=0", "--process_id=1"]
+    assert bench.commands(bench.SETTINGS[1], tmp_path, [])[0][1] == {
+        "XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
