@@ -13,7 +13,7 @@ For each N and backend it times, in a fresh subprocess (so that peak RSS is that
 
 Data: clustered unit vectors like trained embeddings: N // 50 classes of 50 samples (at least
 2 classes), class centres uniform on the unit sphere, each sample = centre + N(0, 0.1²) per
-dimension, then L2-normalised (SPEC §1). Exact and ScaNN brute force are O(N²): above
+dimension, then L2-normalised (method.md §1). Exact and ScaNN brute force are O(N²): above
 --max-quadratic-n rows they print "skipped (O(N²))" unless --force.
 
     python benchmarks/mining_bench.py --sizes 10000,100000,1000000 --dim 64 --k 128 \\

@@ -1,11 +1,11 @@
-"""The validation study of Smart Mining's open choices (issue 16), on Omniglot.
+"""The validation study of Smart Mining's open choices, on Omniglot.
 
     python benchmarks/smart_study.py               # screen (resumable), then SMART_STUDY.md
     python benchmarks/smart_study.py --report-only  # the report from the runs so far
     python benchmarks/smart_study.py --stages 1     # stage 1 only: its leader is the winner
 
 Every setting is one run of `--epochs` (default 8) epochs, seed 0, started from the `smart_v1`
-variant (the first SPEC's Smart Mining) plus the setting's overrides, with the validation split
+variant (the first version's Smart Mining) plus the setting's overrides, with the validation split
 held out (`data.val_classes`, default 0.1: 96 of the 964 background classes, never trained on):
 
     python -m experiments.omniglot --config=experiments/configs/omniglot.py:VARIANT \
@@ -16,7 +16,7 @@ held out (`data.val_classes`, default 0.1: 96 of the 964 background classes, nev
 Settings are ranked by **validation R@1 after the last epoch**. The trainer also evaluates the
 test classes (every run does); this script never reads them: nothing here is chosen on test.
 
-- Stage 1, a fixed grid: the first SPEC (`v1`); v1 with κ₀ calibrated from the lists and no
+- Stage 1, a fixed grid: the first version (`v1`); v1 with κ₀ calibrated from the lists and no
   random-epoch points (`v1_auto`); the mined triplets' error as the signal (`error_on=mined`)
   at targets 0.5 / 0.6 / 0.75 and mined shares 0.5 / 1.0; the error over all triplets with
   every triplet mined (`all_t*_p1.0`, the "p high enough" alternative); two of these with a
@@ -204,7 +204,7 @@ def study_markdown(settings: Sequence[Setting], runs: Mapping[str, list], *, epo
              f"- One run per setting: {epochs} epochs, seed {SEED}, Omniglot background "
              "classes minus the validation split (`data.val_classes=0.1`: 96 classes held out "
              "with `data.val_seed=0`, never trained on), the `smart_v1` variant (the first "
-             "SPEC's Smart Mining) plus the setting's overrides.",
+             "version's Smart Mining) plus the setting's overrides.",
              f"- **Chosen on validation only:** settings are ranked by R@1 on the validation "
              f"classes after epoch {epochs}. The trainer evaluates the test classes too; this "
              "study never reads them. The references (`random_global`, `semihard`) are context, "

@@ -17,7 +17,7 @@ all devices on the `data` axis), feeds it random uint8 images of the cache's siz
 - peak memory: the device's `peak_bytes_in_use` where the backend reports it (GPU, TPU), else
   the process's peak RSS.
 
-Targets (issue 5): on this project's 2-core CPU, the Omniglot train step >= 1,200 images/s (the
+Targets: on this project's 2-core CPU, the Omniglot train step >= 1,200 images/s (the
 PyTorch + pytorch-metric-learning reference of the same net). `--xla-flags` sets XLA_FLAGS
 before jax starts, to compare compiler options in separate runs. The malloc tuning of the
 experiment entry points (`smine_jax.hostmem`) is applied as they apply it.
@@ -40,7 +40,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 CONFIGS = ("omniglot", "cub", "cars196")
-TARGET_IMAGES_PER_S = 1200  # Omniglot on the project's CPU (issue 5)
+TARGET_IMAGES_PER_S = 1200  # Omniglot on the project's CPU
 
 
 def parse_args(argv=None) -> argparse.Namespace:

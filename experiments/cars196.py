@@ -1,6 +1,6 @@
 """python -m experiments.cars196 --config=experiments/configs/cars196.py --workdir=DIR
 
-Trains and evaluates (SPEC §2–4); the command line is experiments/main.py's.
+Trains and evaluates (method.md §2–4); the command line is experiments/main.py's.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Adaptive controller of the exclusion factor κ (SPEC §3; Eqs. 7–8 of Harwood et al. 2017).
+"""Adaptive controller of the exclusion factor κ (method.md §3; Eqs. 7–8 of Harwood et al. 2017).
 
 Smart mining skips every neighbour of an anchor closer than ``κ · ‖f(a) − f(p⁺ᴺᴺ)‖²`` (Eq. 6),
 so κ sets how hard the mined triplets are: a larger κ skips more near negatives and the
@@ -6,7 +6,7 @@ remaining triplets are easier (lower training error e). The controller steers e 
 target e_t by fitting the linear model κ = α·e + β (Eq. 7) by least squares to the last W
 (κ, e) pairs and using κ_next = α·e_t + β (Eq. 8), clipped to [κ_min, κ_max].
 
-Epoch schedule (SPEC §2 step 5): the first ``random_epochs`` epochs train on random triplets
+Epoch schedule (method.md §2 step 5): the first ``random_epochs`` epochs train on random triplets
 only; they enter the history as (κ_random, e) points, or not at all (``kappa_random=None``).
 The first mining epoch uses κ₀ (``kappa_init``: a number, or ``"auto"``: calibrated from that
 epoch's neighbour lists so that a share ``kappa_init_share`` of the anchors can be mined,
@@ -14,20 +14,19 @@ epoch's neighbour lists so that a share ``kappa_init_share`` of the anchors can 
 (``policy="adaptive"``) or from the manual halving schedule (``policy="manual"``, the ablation
 without controller).
 
-The signal (``error_on``): ``"all"``, the training error over every triplet of the epoch (SPEC
-v1), or ``"mined"``, over the mined triplets only. With a share of random triplets in every
-batch (~0.1 error each) the first cannot reach a target of 0.5 when half the triplets are
-random, and it cannot tell "well tuned" from "nothing mined"; the second measures only what κ
-controls. An epoch without a measurement (``"mined"`` and nothing mined) records no point; in a
-mining epoch κ is then divided by ``degenerate_factor`` (nothing mined: κ too large for the
+The signal (``error_on``): ``"all"``, the training error over every triplet of the epoch
+(method.md §3 v1), or ``"mined"``, over the mined triplets only. With a share of random triplets
+in every batch (~0.1 error each) the first cannot reach a target of 0.5 when half the triplets
+are random, and it cannot tell "well tuned" from "nothing mined"; the second measures only what
+κ controls. An epoch without a measurement (``"mined"`` and nothing mined) records no point; in
+a mining epoch κ is then divided by ``degenerate_factor`` (nothing mined: κ too large for the
 lists).
-
 The state is a ``flax.struct`` pytree: array leaves for what changes (so it can live in the
 train state, pass through ``jax.jit`` and be saved by orbax), the settings as a static, hashable
 ``ControllerConfig``. ``update`` is pure and jit-compatible; it checks a concrete training error
 before anything reaches jax.
 
-Choices where SPEC/paper are silent (all are ``ControllerConfig`` fields):
+Choices where the paper is silent (all are ``ControllerConfig`` fields):
 
 - Degenerate fit: fewer than two recorded points, fewer than two distinct κ in the window, all
   errors equal, a non-finite fit, ``|α| < min_slope`` (1.0: the fitted line then moves κ by less
@@ -94,7 +93,7 @@ class ControllerConfig:
       kappa_init_share: q of "auto": the share of anchors with a valid negative at κ₀.
       kappa_random: κ recorded for the random-only epochs; None: they record no point.
       kappa_min, kappa_max: clip range of every κ the controller sets for a mining epoch.
-      random_epochs: epochs of random triplets before mining starts (SPEC: 2).
+      random_epochs: epochs of random triplets before mining starts (default 2).
       degenerate_factor: > 1, multiplicative step of κ when the fit is degenerate.
       min_slope: |α| below this counts as a degenerate fit (κ units per unit of error).
       negative_slope_only: also treat α > 0 as degenerate (see the module docstring).
@@ -300,7 +299,7 @@ def update(state: ControllerState, training_error, mined_error=None) -> Controll
       state: the ``ControllerState`` the finished epoch used (its ``kappa`` is the κ recorded,
         or ``kappa_random`` for a random-only epoch).
       training_error: scalar in [0, 1], the epoch's training error (mean over batches of the
-        fraction of triplets with J_t > 0, SPEC §1); the signal of ``error_on="all"``.
+        fraction of triplets with J_t > 0, method.md §1); the signal of ``error_on="all"``.
       mined_error: scalar in [0, 1] or None, the same fraction over the epoch's mined
         triplets only (None: nothing was mined); the signal of ``error_on="mined"``.
 
@@ -417,7 +416,7 @@ _update_jit = jax.jit(_update_arrays)
 
 
 # ----------------------------------------------------------------------------------------------
-# κ₀ from the neighbour lists (SPEC §3, kappa_init="auto").
+# κ₀ from the neighbour lists (method.md §3, kappa_init="auto").
 
 
 def needs_initial_kappa(state: ControllerState) -> bool:
@@ -453,7 +452,8 @@ def kappa_for_share(ratios, share):
 
 def calibrate_kappa(neighbour_ids, neighbour_sq_dists, labels, *, share=0.5, anchor_ids=None,
                     chunk_size: int = 2048):
-    """κ₀ such that a share ``share`` of the anchors has a valid negative in its list (SPEC §3).
+    """κ₀ such that a share ``share`` of the anchors has a valid negative in its list
+    (method.md §3).
 
     Per anchor, the largest κ at which its list still holds a valid negative is
     r = d²(farthest negative after p⁺ᴺᴺ) / d²(p⁺ᴺᴺ) (``mining.boundary_ratios``: 0 without

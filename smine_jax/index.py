@@ -1,4 +1,4 @@
-"""Embedding shard dumps and the k-nearest-neighbour index that smart mining walks (SPEC §2).
+"""Embedding shard dumps and the k-nearest-neighbour index that smart mining walks (method.md §2).
 
 Each epoch, every process embeds its part of the training set and writes one *shard*
 (`write_shard`); the index reads them all back (`read_shards`) and lists, for every anchor, its
@@ -613,7 +613,7 @@ def _exact_candidates(database: np.ndarray, k: int, chunk_size: int | None,
 
 
 def neighbours(embeddings, k: int, *, backend: str = "exact", query_ids=None, **options):
-    """For each query row, its k nearest OTHER rows by squared Euclidean distance (SPEC §2.2).
+    """For each query row, its k nearest OTHER rows by squared Euclidean distance (method.md §2).
 
     Args:
       embeddings: [N, D] finite float array (numpy or jax).

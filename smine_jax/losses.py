@@ -247,7 +247,7 @@ def global_loss(anchor, positive, negative, *, margin=0.01, weight=0.8, mask=Non
 
 def triplet_objective(anchor, positive, negative, *, mask=None, margin=0.2, global_margin=0.01,
                       global_weight=0.8, use_global=True, triplet_loss="ratio", mined=None):
-    """Training objective of SPEC §1: mean over valid triplets of J_t, plus J_g (Eq. 3).
+    """Training objective of method.md §1: mean over valid triplets of J_t, plus J_g (Eq. 3).
 
     Args:
       anchor, positive, negative: [B, D] real arrays (any float dtype; math in float32).

@@ -379,7 +379,7 @@ def nmi(embeddings, labels, *, num_clusters: int | None = None, seed: int = 0,
 def evaluate(embeddings, labels, *, ks: Iterable[int] = DEFAULT_KS,
              num_clusters: int | None = None, seed: int = 0,
              timings: MutableMapping[str, float] | None = None) -> dict[str, float]:
-    """All test metrics of the paper's protocol (SPEC.md §4) plus MAP@R and R-precision.
+    """All test metrics of the paper's protocol (method.md §5) plus MAP@R and R-precision.
 
     Returns a dict with ``recall@K`` for K in `ks`, ``nmi``, ``map@r``, ``r_precision``,
     ``num_queries`` (N) and ``num_excluded_queries`` (queries alone in their class, left out of

@@ -2,7 +2,7 @@
 
 Once per epoch every training sample i (the anchor) gets its k nearest other samples S_i,
 ascending by squared distance (``smine_jax.index.neighbours``). ``sample_triplets`` walks each
-list exactly as SPEC.md §2 reads:
+list exactly as method.md §2 reads:
 
 * the first same-class entry is the nearest positive p⁺ᴺᴺ; it sets the exclusion boundary
   b = κ · ‖f(a) − f(p⁺ᴺᴺ)‖² (Eq. 6) and is never a positive itself;
@@ -230,7 +230,7 @@ def _random_anchor(index: _ClassIndex, words) -> jax.Array:
 
 
 def _random_positive_negative(index: _ClassIndex, anchor, words):
-    """Uniform same-class positive != anchor and uniform other-class negative (SPEC §2)."""
+    """Uniform same-class positive != anchor and uniform other-class negative (method.md §2)."""
     positive = _random_positive(index, anchor, words[..., _POSITIVE, :])
     negative = _other_class_sample(index, anchor, words[..., _NEGATIVE, :])
     return positive, negative
@@ -585,7 +585,7 @@ def _check_values(neighbour_ids, sq_dists, anchors, num_samples: int, chunk_size
 def mine_triplets(key, neighbour_ids, neighbour_sq_dists, labels, kappa, *,
                   triplets_per_anchor: int = 1, anchor_ids=None,
                   chunk_size: int = 2048) -> tuple[Triplets, MiningInfo]:
-    """Smart mining (SPEC §2, Algorithm 1) with per-slot fallback flags for logging.
+    """Smart mining (method.md §2, Algorithm 1) with per-slot fallback flags for logging.
 
     Args:
       key: PRNG key; the draws of anchor i depend on (key, i) only.
@@ -676,7 +676,7 @@ def _boundary_ratios(neighbour_ids, sq_dists, index, anchor_ids, *, chunk_size):
 def sample_triplets(key, neighbour_ids, neighbour_sq_dists, labels, kappa, *,
                     triplets_per_anchor: int = 1, anchor_ids=None,
                     chunk_size: int = 2048) -> Triplets:
-    """Smart mining (SPEC §2, Algorithm 1): ``mine_triplets`` without the logging info."""
+    """Smart mining (method.md §2, Algorithm 1): ``mine_triplets`` without the logging info."""
     return mine_triplets(key, neighbour_ids, neighbour_sq_dists, labels, kappa,
                          triplets_per_anchor=triplets_per_anchor, anchor_ids=anchor_ids,
                          chunk_size=chunk_size)[0]
@@ -697,7 +697,7 @@ def _random(key, index: _ClassIndex, num_triplets: int) -> Triplets:
 
 
 def random_triplets(key, labels, num_triplets: int) -> Triplets:
-    """``num_triplets`` random triplets (SPEC §2): uniform anchor among the samples of classes
+    """``num_triplets`` random triplets (method.md §2): uniform anchor among the samples of classes
     with at least two members, uniform same-class positive != anchor, uniform other-class
     negative; ``mined`` is all False. The baseline of epochs 1-2 and the random share after."""
     num_triplets = _check_count(num_triplets, "num_triplets")
@@ -733,7 +733,7 @@ def _assemble(key, mined: Triplets, index: _ClassIndex, mined_fraction, *, num_t
 def epoch_triplets(key, mined: Triplets, labels, *, mined_fraction: float,
                    num_triplets: int | None = None) -> tuple[Triplets, EpochStats]:
     """An epoch's triplet list: a share ``mined_fraction`` of mined triplets, the rest random,
-    shuffled (SPEC §2 step 5).
+    shuffled (method.md §2 step 5).
 
     Takes round(mined_fraction · M) triplets with ``mined=True`` from ``mined`` (a uniformly
     random subset when more are available; all of them when fewer are, see

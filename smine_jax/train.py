@@ -1,6 +1,6 @@
 """Training: the train state, the jitted steps, the smart-mining epoch loop, checkpoints, logs.
 
-One epoch of Smart Mining (SPEC §2–3; Harwood et al. 2017, Algorithm 1 and Eqs. 6–8):
+One epoch of Smart Mining (method.md §2–3; Harwood et al. 2017, Algorithm 1 and Eqs. 6–8):
 
     embed the training set (eval mode, jitted, sharded, padded batches: every image once)
       -> write this process's embedding shard under workdir/embeddings/epoch_XXXX
@@ -156,7 +156,7 @@ class TrainState:
       epoch: i32[], epochs completed.
       params, batch_stats: the model variables.
       opt_state: optimiser state of `tx`.
-      controller: the κ controller state (SPEC §3); `controller.kappa` is the next epoch's κ.
+      controller: the κ controller state (method.md §3); `controller.kappa` is the next epoch's κ.
       rng: u32[2] base PRNG key of the run (never split: derived keys come from `fold_in`).
       tx: the optax transformation (static).
     """
@@ -172,7 +172,7 @@ class TrainState:
 
 
 def learning_rate_schedule(config_optimizer, steps_per_epoch: int) -> optax.Schedule:
-    """lr halved every `lr_halve_every` epochs, as a staircase schedule on the step (SPEC §4)."""
+    """lr halved every `lr_halve_every` epochs, a staircase schedule on the step (method.md §5)."""
     halve_every = int(config_optimizer.lr_halve_every)
     return optax.exponential_decay(
         float(config_optimizer.learning_rate), transition_steps=halve_every * steps_per_epoch,
@@ -185,7 +185,7 @@ def make_optimizer(config_optimizer, steps_per_epoch: int) -> optax.GradientTran
     Weight decay is coupled (L2 added to the gradient before momentum and learning rate), the
     Caffe convention of the paper's setup (`weight_decay: 0.0005`), applied to every parameter
     (Caffe's default decay_mult 1). The head (`models.param_labels`) trains with the learning
-    rate × `head_lr_multiplier` (SPEC §4: ×10), its decay term included, as Caffe's lr_mult.
+    rate × `head_lr_multiplier` (method.md §5: ×10), its decay term included, as Caffe's lr_mult.
     """
     schedule = learning_rate_schedule(config_optimizer, steps_per_epoch)
 
@@ -255,8 +255,8 @@ def make_objective(config) -> Callable:
     kappa f32[] = 0) -> (loss, aux).
 
     Triplet batches (mining.kind "smart"): R = 3B rows (a_i, p_i, n_i), the ratio triplet +
-    global loss of SPEC §1 (`losses.triplet_objective`). Image batches (every other kind): R = B
-    m-per-class images;
+    global loss of method.md §1 (`losses.triplet_objective`). Image batches (every other kind):
+    R = B m-per-class images;
       - "semihard" / "batch_hard" / "distance_weighted": the in-batch miner's triplets with the
         loss of `config.loss` (the variants set the FaceNet margin loss: the semi-hard baseline of
         the paper is FaceNet's; batch-hard (Hermans et al.) and distance-weighted sampling
@@ -267,7 +267,7 @@ def make_objective(config) -> Callable:
         Mining's boundary κ · d²(a, nearest positive in the batch), κ = `kappa` (0: none);
       - loss "lifted": lifted structured loss over the batch; "npairs": N-pair loss over the
         (2i, 2i+1) pairs. Their training error (logged only) is that of the batch-hard triplets.
-    `aux["training_error"]` is the fraction of valid triplets with J_t > 0 (SPEC §1); triplet
+    `aux["training_error"]` is the fraction of valid triplets with J_t > 0 (method.md §1); triplet
     batches also count the mined triplets (`mined`) and those of them with J_t > 0
     (`aux["num_mined"]`, `aux["mined_violations"]`; 0 for image batches).
     """
@@ -685,8 +685,8 @@ class _Trainer:
             _fail("data.channels", f"{spec.channels} for the pretrained {spec.name} "
                   f"(model.init_from)", data_config["channels"])
         if spec.mean is not None and not config.model.init_from:
-            logger.warning("model.init_from is empty: %s trains from scratch (SPEC §4 starts "
-                           "from ImageNet weights)", spec.name)
+            logger.warning("model.init_from is empty: %s trains from scratch (the paper's protocol "
+                           "starts from ImageNet weights)", spec.name)
         augment, center = data.preprocessors(config.data)
         image_shape = (data_config["crop_size"],) * 2 + (data_config["channels"],)
 
@@ -740,7 +740,7 @@ class _Trainer:
                       f"{needed} distinct classes)", inbatch_images(config))
 
     def neighbour_count(self) -> int:
-        """k of SPEC §2.2: `mining.k`, or 2 × the largest training class; at most N − 1."""
+        """k of method.md §2: `mining.k`, or 2 × the largest training class; at most N − 1."""
         k = int(self.config.mining.k) or 2 * int(np.bincount(self.labels).max())
         return min(k, self.num_train - 1)
 
@@ -1250,7 +1250,7 @@ def _run_steps(trainer: _Trainer, state: TrainState, plan: _EpochPlan, start: in
 
 
 def train_and_evaluate(config, workdir) -> dict[str, float]:
-    """Trains with the configured variant and returns the final test metrics (SPEC §2–4).
+    """Trains with the configured variant and returns the final test metrics (method.md §2–4).
 
     Resumes from workdir/checkpoints when there is a checkpoint (the config must match up to
     RESUMABLE_FIELDS). Writes workdir/config.json, workdir/metrics.jsonl and metric-writer

@@ -366,7 +366,7 @@ def test_targets_and_frozen_v1_sections(tmp_path):
                       "| `smart` | 3 |\n| `semihard` | 3 |\n\n## Convergence\n| `smart` | 9 |\n")
     section = cm.v1_markdown(frozen)
     assert "| `smart (v1)` | 3 |" in section and "| `semihard (v1)` | 3 |" in section
-    assert "| `smart` | 9 |" not in section and section[0].startswith("## SPEC v1 rows")
+    assert "| `smart` | 9 |" not in section and section[0].startswith("## v1 rows")
     assert cm.v1_markdown(tmp_path / "absent.md") == []
 
 

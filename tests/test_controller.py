@@ -1,4 +1,4 @@
-"""Tests of smine_jax.controller: the adaptive κ controller (SPEC §3) and the manual schedule.
+"""Tests of smine_jax.controller: the adaptive κ controller (method.md §3) and the manual schedule.
 
 The reference is a slow, obvious Python controller (numpy.polyfit for the least-squares line)
 run side by side with the jitted one; the simulated plant e = 1/(1 + c·κ) (+ noise) stands in
@@ -20,7 +20,7 @@ from hypothesis import strategies as st
 
 from smine_jax import controller
 
-# The first SPEC's controller, spelled out: the tests below pin its behaviour whatever the
+# The first version's controller, spelled out: the tests below pin its behaviour whatever the
 # defaults are (the validation study chose the defaults; see test_defaults_*).
 V1 = controller.ControllerConfig(error_on="all", target_error=0.5, kappa_init=16.0,
                                  kappa_random=64.0, max_step_factor=None)
@@ -126,7 +126,7 @@ def plant_error(c: float, kappa: float, noise: float, rng) -> np.float32:
 def run_plant(config, plant, num_epochs: int):
     """Trains `num_epochs` epochs against `plant(kappa) -> error`; returns (κ used, e) per epoch.
 
-    Random-only epochs see the plant at κ_random, as SPEC §3 counts them.
+    Random-only epochs see the plant at κ_random, as method.md §3 counts them.
     """
     state = controller.init(config)
     used, errors = [], []

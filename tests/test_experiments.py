@@ -1,4 +1,4 @@
-"""Tests of the experiment configs and the command line: SPEC protocol values, variants,
+"""Tests of the experiment configs and the command line: the protocol's values, variants,
 one-line config errors, and resumption after SIGKILL / SIGTERM with identical final metrics."""
 
 from __future__ import annotations
@@ -92,7 +92,7 @@ VARIANT_FIELDS = {
                          "loss.use_global": False, "mining.batches": "index",
                          "mining.inbatch_kappa": True, "controller.error_on": "all"},
 }
-# The first SPEC's Smart Mining: the variant sets these whatever the defaults are.
+# The first version's Smart Mining: the variant sets these whatever the defaults are.
 SPEC_V1 = {"controller.error_on": "all", "controller.target_error": 0.5,
            "controller.kappa_init": 16.0, "controller.kappa_random": 64.0,
            "controller.max_step_factor": None, "mining.mined_fraction": 0.5, "mining.k": 0,

@@ -1,12 +1,12 @@
-"""smine_jax.mining against a plain-Python walk of SPEC §2 Algorithm 1, plus invariants.
+"""smine_jax.mining against a plain-Python walk of method.md §2 Algorithm 1, plus invariants.
 
-The reference (``reference_walk``) loops over each neighbour list exactly as SPEC reads. The
-deterministic parts (mined flags, negatives, in-list positives, p_nn, valid-negative counts) must
-match it exactly; the random parts (out-of-list positives, random triplets) are checked by the
-invariants of SPEC §2 and by frequency tests. Problems are random points on a small integer grid
-(exact float32 distances, many ties and duplicates), several independent problems stacked into
-one with disjoint labels so that a handful of shapes (jit compilations) covers many cases.
-"""
+The reference (``reference_walk``) loops over each neighbour list exactly as method.md §2 reads.
+The deterministic parts (mined flags, negatives, in-list positives, p_nn, valid-negative counts)
+must match it exactly; the random parts (out-of-list positives, random triplets) are checked by
+the invariants of method.md §2 and by frequency tests. Problems are random points on a small
+integer grid (exact float32 distances, many ties and duplicates), several independent problems
+stacked into one with disjoint labels so that a handful of shapes (jit compilations) covers many
+cases. """
 
 from __future__ import annotations
 
@@ -65,7 +65,7 @@ def make_problem(seed, total, k):
 
 
 def reference_walk(ids, sq_dists, labels, kappa, num_slots, anchors=None):
-    """SPEC §2 Algorithm 1, one anchor at a time, one list entry at a time.
+    """method.md §2 Algorithm 1, one anchor at a time, one list entry at a time.
 
     Returns per row (p_nn id or -1, number of valid negatives, slots, whether the list ends
     inside the boundary), each slot either ("mined", negative, positive or None when no valid
@@ -101,7 +101,7 @@ def reference_walk(ids, sq_dists, labels, kappa, num_slots, anchors=None):
 
 def check_against_reference(ids, sq_dists, labels, kappa, num_slots, triplets, info,
                             full_sq=None, anchors=None):
-    """Exact match of the deterministic parts; SPEC invariants for the random parts."""
+    """Exact match of the deterministic parts; the method's invariants for the random parts."""
     anchors = np.arange(len(labels)) if anchors is None else np.asarray(anchors)
     t = jax.tree.map(np.asarray, triplets)
     info = jax.tree.map(np.asarray, info)

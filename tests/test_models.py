@@ -4,7 +4,7 @@ References written here, independently of the package: torchvision's state-dict 
 of GoogLeNet (no aux) and ResNet-50 enumerated from the constructor arguments of torchvision's
 source; slow numpy float64 forward passes with torch's semantics (explicit symmetric padding,
 MaxPool2d ceil_mode rule from the PyTorch docs, eval-mode batch norm) fed with random weights in
-torch layout, converted to the Flax tree through ``torchvision_key`` — what issue 8's converter
+torch layout, converted to the Flax tree through ``torchvision_key`` — what the converter
 does. GoogLeNet / ResNet-50 compile in a few seconds each on CPU, so they run on 1–2 images of
 64² / 65² and parameter counts use ``jax.eval_shape`` (no compile).
 """
@@ -127,7 +127,7 @@ def random_torch_state(shapes, seed=0) -> dict[str, np.ndarray]:
 
 
 def flax_variables_from_torch(module, sample, state) -> dict:
-    """What issue 8's converter does: every Flax leaf from its torchvision key, relaid out."""
+    """What the converter does: every Flax leaf from its torchvision key, relaid out."""
     shapes = jax.eval_shape(lambda: module.init(jax.random.key(0), sample))
     flat = {}
     for key, leaf in models._flatten(shapes).items():

@@ -1,4 +1,4 @@
-"""Cars196 (SPEC §4): GoogLeNet, 64-d, classes 1–98 train / 99–196 test.
+"""Cars196 (method.md §5): GoogLeNet, 64-d, classes 1–98 train / 99–196 test.
 
     python -m experiments.cars196 --config=experiments/configs/cars196.py[:VARIANT] --workdir=DIR
     --config.data.dir=PATH (native folder with cars_annos.mat; the tfds download is broken)

@@ -1,9 +1,9 @@
 """Defaults shared by every experiment config, and the paper's comparison rows as variants.
 
-Every SPEC.md **choice** is a field here (method: SPEC §1–3; protocol: SPEC §4). A dataset
-config (`cub.py`, `cars196.py`, `omniglot.py`) starts from `base_config()`, sets its data and
-model, and applies the variants named after the colon of `--config=FILE:VARIANT[,VARIANT...]`
-with `apply_variants` (e.g. `omniglot.py:smoke,semihard`).
+Every choice of the method where the paper is silent is a field here (method: docs/method.md
+§1–3; protocol: §5). A dataset config (`cub.py`, `cars196.py`, `omniglot.py`) starts from
+`base_config()`, sets its data and model, and applies the variants named after the colon of
+`--config=FILE:VARIANT[,VARIANT...]` with `apply_variants` (e.g. `omniglot.py:smoke,semihard`).
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from smine_jax import controller, data, models
 
 
 def base_config() -> ml_collections.ConfigDict:
-    """The Smart Mining defaults (variant `smart`): SPEC §1–4 on GoogLeNet, 64-d."""
+    """The Smart Mining defaults (variant `smart`): method.md §1–4 on GoogLeNet, 64-d."""
     config = ml_collections.ConfigDict()
     config.seed = 0
     config.variant = "smart"
@@ -35,17 +35,17 @@ def base_config() -> ml_collections.ConfigDict:
     config.model = model
 
     config.optimizer = ml_collections.ConfigDict({
-        "learning_rate": 0.1,       # SPEC §4
-        "lr_halve_every": 3,        # epochs (SPEC §4: halved every 3 epochs)
-        "momentum": 0.9,            # SPEC §4 (choice)
+        "learning_rate": 0.1,       # method.md §5
+        "lr_halve_every": 3,        # epochs (method.md §5: halved every 3 epochs)
+        "momentum": 0.9,            # method.md §5 (choice)
         "nesterov": False,
-        "weight_decay": 5e-4,       # SPEC §4; coupled L2 (Caffe), on every parameter
-        "head_lr_multiplier": 10.0,  # SPEC §4: new 64-d head, learning rate ×10
+        "weight_decay": 5e-4,       # method.md §5; coupled L2 (Caffe), on every parameter
+        "head_lr_multiplier": 10.0,  # method.md §5: new 64-d head, learning rate ×10
     })
     config.train = ml_collections.ConfigDict({
-        "epochs": 20,               # SPEC §4: <= 20 epochs
-        "batch_size": 128,          # triplets per batch (SPEC §4 choice)
-        "triplets_per_anchor": 1,   # slots T per anchor (SPEC §2.4 choice); T > 1 mines a
+        "epochs": 20,               # method.md §5: <= 20 epochs
+        "batch_size": 128,          # triplets per batch (method.md §5 choice)
+        "triplets_per_anchor": 1,   # slots T per anchor (method.md §2 choice); T > 1 mines a
                                     # random 1/T of the anchors each epoch (N triplets always)
         "inbatch_images": 0,        # images per m-per-class batch; 0 = 3 × batch_size (an
                                     # epoch shows every variant 3 × N images)
@@ -65,20 +65,21 @@ def base_config() -> ml_collections.ConfigDict:
         "margin": 0.2,              # m of Eq. 2 (and FaceNet's alpha for "margin")
         "use_global": True,         # add the global loss (Eq. 3)
         "global_margin": 0.01,      # t of Eq. 3
-        "global_weight": 0.8,       # lambda of Eq. 3 (SPEC choice)
+        "global_weight": 0.8,       # lambda of Eq. 3 (a choice: the paper is silent)
         "lifted_margin": 1.0,       # alpha of the lifted structured loss (Song et al.)
         "npairs_l2_reg": 0.002,     # embedding penalty of the N-pair loss (TF convention)
     })
     config.mining = ml_collections.ConfigDict({
         "kind": "smart",            # "smart" | "semihard" | "batch_hard" | "distance_weighted"
                                     # | "all" (every in-batch triplet) | "none" (lifted / npairs)
-        "mined_fraction": 0.5,      # share of mined triplets from epoch 3 on (SPEC §2.5 choice);
+        "mined_fraction": 0.5,      # share of mined triplets from epoch 3 on (method.md §2 choice);
                                     # index batches: share of a batch's class pairs seeded by an
                                     # anchor and its smart negative
         "batches": "random",        # image batches of the in-batch kinds: "random" m-per-class
                                     # | "index" (built from the neighbour index, index_batches)
         "inbatch_kappa": False,     # in-batch miners skip negatives inside κ · d²(a, p_nn)
-        "k": 0,                     # neighbours per anchor; 0 = 2 × largest class (SPEC choice)
+        "k": 0,                     # neighbours per anchor; 0 = 2 × largest class (a choice:
+                                    # the paper is silent)
         "backend": "exact",         # "exact" (device) | "scann" (host)
         "scann_mode": "brute_force",  # | "tree_ah" (large sets)
         "chunk_size": 2048,         # anchor rows per mining chunk (speed only)
@@ -86,7 +87,8 @@ def base_config() -> ml_collections.ConfigDict:
         "distance_cutoff": 0.5,     # distance-weighted sampling (Wu et al.)
         "nonzero_loss_cutoff": 1.4,
     })
-    # SPEC §3: the controller's fields (policy, target, signal, window 3, κ₀, clip [1, 64], ...).
+    # method.md §3: the controller's fields (policy, target, signal, window 3, κ₀, clip [1, 64],
+    # ...).
     # κ₀ is a number or "auto", κ_random a number or None: untyped fields, so that
     # --config.controller.kappa_init=auto / =16 and --config.controller.kappa_random=None parse.
     fields = dataclasses.asdict(controller.ControllerConfig())
@@ -103,7 +105,7 @@ def use_model_inputs(config: ml_collections.ConfigDict) -> None:
 
 
 # ----------------------------------------------------------------------------------------------
-# The paper's comparison rows (SPEC §5) as variants of the same loop.
+# The paper's comparison rows (method.md §5) as variants of the same loop.
 
 
 def smart(config):
@@ -114,7 +116,7 @@ def smart(config):
 
 
 def smart_v1(config):
-    """Smart Mining as the first SPEC had it (before the validation study): error over all
+    """Smart Mining as the first version had it (before the validation study): error over all
     triplets, target 0.5, κ₀ = 16, random-only epochs in the fit as κ = 64 points, mined share
     0.5, one triplet per anchor, k = 2 × the largest class."""
     config.controller.update(error_on="all", target_error=0.5, kappa_init=16.0,

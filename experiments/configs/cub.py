@@ -1,8 +1,8 @@
-"""CUB-200-2011 (SPEC §4): GoogLeNet, 64-d, classes 1–100 train / 101–200 test.
+"""CUB-200-2011 (method.md §5): GoogLeNet, 64-d, classes 1–100 train / 101–200 test.
 
     python -m experiments.cub --config=experiments/configs/cub.py[:VARIANT] --workdir=DIR
     --config.data.dir=PATH (native CUB_200_2011/ folder; default: tfds caltech_birds2011)
-    --config.model.init_from=googlenet.npz (ImageNet weights; issue 8's converter)
+    --config.model.init_from=googlenet.npz (ImageNet weights; python -m smine_jax.models.convert)
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ from experiments.configs import common
 
 
 def configure_paper_protocol(config, name: str):
-    """SPEC §4 on `name` ("cub" | "cars196"): GoogLeNet (torchvision layout: 256 -> 224 crops),
+    """method.md §5 on `name` ("cub" | "cars196"): GoogLeNet (torchvision layout: 256 -> 224 crops),
     ImageNet statistics, flip; the optimiser and schedule of `common.base_config`."""
     config.data.name = name
     config.data.flip = True

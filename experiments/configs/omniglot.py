@@ -1,4 +1,4 @@
-"""Omniglot on CPU (issue 5 §3): a small conv net at 28², 64-d, background / evaluation split.
+"""Omniglot, the CPU protocol: a small conv net at 28², 64-d, background / evaluation split.
 
     python -m experiments.omniglot --config=experiments/configs/omniglot.py --workdir=DIR
     --config.data.dir=PATH/TO/omniglot (offline; default: downloaded once, ~15 MB)
@@ -32,6 +32,6 @@ def get_config(arg: str | None = None):
                        mean=(0.92,), std=(0.22,))  # measured at 28²
     config.model.update(name="small_conv", width=64, depth=4, pooling="avg")
     config.optimizer.update(head_lr_multiplier=1.0, lr_halve_every=4)
-    # In-batch baselines: m-per-class batches of 128 images (the PyTorch reference of issue 5).
+    # In-batch baselines: m-per-class batches of 128 images (the PyTorch reference's).
     config.train.update(epochs=20, eval_every=5, inbatch_images=128)
     return common.apply_variants(config, arg, extra={"smoke": smoke})

@@ -18,7 +18,8 @@ The `config.data` section (an `ml_collections.ConfigDict`; `default_config()` gi
                     source "tfds", the tfds data_dir ("" = the tfds default).
     strict_counts   True: CUB must give 5,864 / 5,924 train / test images, Cars 8,054 / 8,131,
                     Omniglot 19,280 / 13,180, else the run stops; False: the counts are logged.
-    image_size      S of the cache, uint8 [N, S, S, C]; images squashed to S × S (SPEC §4: 256).
+    image_size      S of the cache, uint8 [N, S, S, C]; images squashed to S × S (256: method.md
+                    §5).
     crop_size       random crop (training) and centre crop (evaluation); 227 (224 for the
                     torchvision-layout GoogLeNet).
     channels        3 (grey and palette images become RGB) or 1 (colour becomes luminance).

@@ -6,9 +6,9 @@
 - `augment` (training) and `center_crop` (evaluation) run inside the jitted step on uint8
   [B, S, S, C]: a random crop to the crop size at an offset drawn per image (`lax.dynamic_slice`
   under `vmap`), an optional horizontal flip, and normalisation `(x / 255 - mean) / std`
-  (SPEC §4: resize to 256, random 227 crop, flip; test: centre crop). Deterministic for a key.
+  (method.md §5: resize to 256, random 227 crop, flip; test: centre crop). Deterministic for a key.
 - `inference_batches`: the whole split in order, the last batch padded and masked, so every
-  image is embedded exactly once (SPEC §2 step 1; no drop_remainder).
+  image is embedded exactly once (method.md §2 step 1; no drop_remainder).
 - `m_per_class_batches`: batches of m samples from each of B/m classes, for the in-batch
   baselines (semi-hard, lifted structure, N-pairs).
 """
@@ -144,7 +144,7 @@ def augment(key, images, *, crop_size: int, flip: bool = True,
             dtype=jnp.float32) -> jax.Array:
     """Training preprocessing of a uint8 [B, S, S, C] batch -> `dtype` [B, crop, crop, C].
 
-    Random crop + optional horizontal flip + normalisation (SPEC §4). Pure and jit-compatible;
+    Random crop + optional horizontal flip + normalisation (method.md §5). Pure and jit-compatible;
     the same key and batch give the same output.
     """
     _normalisation(mean, std, np.shape(images)[-1])  # check before any work
@@ -154,7 +154,7 @@ def augment(key, images, *, crop_size: int, flip: bool = True,
 
 def center_crop(images, *, crop_size: int, mean: Sequence[float] = IMAGENET_MEAN,
                 std: Sequence[float] = IMAGENET_STD, dtype=jnp.float32) -> jax.Array:
-    """Evaluation preprocessing: the centre crop_size² window, normalised (SPEC §4)."""
+    """Evaluation preprocessing: the centre crop_size² window, normalised (method.md §5)."""
     crop_size, height, width, _ = _check_crop(images, crop_size)
     top, left = (height - crop_size) // 2, (width - crop_size) // 2
     crops = jnp.asarray(images)[:, top:top + crop_size, left:left + crop_size, :]

@@ -6,7 +6,7 @@ reader that turns sample i into an RGB (or one-channel) uint8 array. Sample ids 
 0..N-1 of the record. Sources:
 
 - tfds (`caltech_birds2011`, `cars196`) read with `tfds.data_source` (array_record; no
-  TensorFlow needed to read): both official splits merged, then re-split by class (SPEC §4);
+  TensorFlow needed to read): both official splits merged, then re-split by class (method.md §5);
 - the native `CUB_200_2011/` folder and the native Cars196 folder (`cars_annos.mat` +
   `car_ims/`);
 - class folders `root/<class>/<image>`, split by two sub-roots or by cutting the sorted class
@@ -46,7 +46,7 @@ logger = logging.getLogger(__name__)
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png")
 
-# SPEC §4 (train, test) image counts; Omniglot from its README (background / evaluation).
+# method.md §5 (train, test) image counts; Omniglot from its README (background / evaluation).
 OFFICIAL_COUNTS = {"cub": (5864, 5924), "cars196": (8054, 8131), "omniglot": (19280, 13180)}
 # The last official class id of the training split (class ids are 1-based).
 LAST_TRAIN_CLASS = {"cub": 100, "cars196": 98}
@@ -215,7 +215,7 @@ class Dataset:
 
         Grey, one-bit and palette images become RGB (channels=3) and colour images become
         luminance (channels=1); transparent pixels are composited on white. With `size`, the
-        image is resized to size × size without keeping the aspect ratio (SPEC §4: "resize to
+        image is resized to size × size without keeping the aspect ratio (method.md §5: "resize to
         256×256"), bilinear with antialiasing. Any failure raises ImageReadError naming the file.
         """
         item = self.items[int(i)]
@@ -593,7 +593,7 @@ def _tfds_labels(reader: TfdsImages, items, cache_dir, progress, num_workers):
 
 
 # ----------------------------------------------------------------------------------------------
-# Official sizes (SPEC §4).
+# Official sizes (method.md §5).
 
 
 def check_official_counts(dataset: Dataset, *, strict: bool = True) -> dict[str, int]:

@@ -1,4 +1,5 @@
-"""Backbones + embedding head (SPEC §1, §4): f(x) = L2-normalised linear map of backbone features.
+"""Backbones + embedding head (method.md §1, §5): f(x) = L2-normalised linear map of backbone
+features.
 
     model = build_model(config.model)                   # EmbeddingModel
     variables = init_variables(model, key, (1, 224, 224, 3), config.model)  # + init_from
@@ -29,7 +30,7 @@ Flax 0.12 and is what flax's ``examples/imagenet`` and big_vision use.
 stay float32). The head is the only new layer (``params/head``); the L2 normalisation is safe:
 a zero feature vector gives a zero embedding and finite gradients, never NaN.
 
-**Weight files** (``.npz``: numpy's zip of ``.npy`` arrays; ``save_npz`` and issue 8's converter
+**Weight files** (``.npz``: numpy's zip of ``.npy`` arrays; ``save_npz`` and the converter
 write them, ``load_pretrained`` reads them). One array per leaf, keyed
 ``"<collection>/<module path>/<leaf>"`` with "/" separators, collection ``params`` or
 ``batch_stats``, Flax layouts and float32: e.g. ``params/conv1/conv/kernel`` [kh, kw, in, out],
@@ -105,12 +106,12 @@ _BACKBONE = "backbone"
 
 @dataclasses.dataclass(frozen=True)
 class ModelSpec:
-    """The input an architecture expects (issue 8: preprocessing is part of the model).
+    """The input an architecture expects (preprocessing is part of the model).
 
     Attributes:
       name: architecture name.
       input_size: side of the (centre / random) crop fed to the network; None: any size.
-      image_size: side the images are resized to before cropping (SPEC §4: 256); None: any.
+      image_size: side the images are resized to before cropping (method.md §5: 256); None: any.
       channels: 3 (RGB order, as torchvision's weights) or None (1 or 3 both work).
       mean, std: per-channel normalisation (x / 255 - mean) / std in [0, 1] units; None: none
         fixed (the data config chooses).
@@ -155,7 +156,8 @@ def model_spec(name: str) -> ModelSpec:
 
 
 def l2_normalise(x, epsilon: float = 1e-12):
-    """x / max(‖x‖₂, epsilon) along the last axis, in float32 (SPEC §1: unit-length embeddings).
+    """x / max(‖x‖₂, epsilon) along the last axis, in float32 (method.md §1: unit-length
+    embeddings).
 
     Safe at x = 0: the output is 0 and the gradient finite (the max cuts the 1/‖x‖ branch), as
     torch.nn.functional.normalize.
@@ -297,7 +299,7 @@ def init_variables(model: nn.Module, key, input_shape, model_config=None) -> dic
 def param_labels(params) -> Any:
     """A pytree like `params` with "head" on the head's leaves and "backbone" elsewhere.
 
-    For ``optax.multi_transform`` (the head trains with ×10 learning rate, SPEC §4).
+    For ``optax.multi_transform`` (the head trains with ×10 learning rate, method.md §5).
     """
     if isinstance(params, Mapping) and set(params) & set(COLLECTIONS) and _HEAD not in params:
         raise ValueError(f"params: got the variables dict (keys {sorted(params)}); pass "

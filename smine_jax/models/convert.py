@@ -1,4 +1,4 @@
-"""torchvision ImageNet weights -> the project's weight file (issue 8), no download at run time.
+"""torchvision ImageNet weights -> the project's weight file, no download at run time.
 
     python -m smine_jax.models.convert --arch googlenet --src googlenet.safetensors \
         --dst googlenet_imagenet.npz

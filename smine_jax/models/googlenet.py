@@ -1,7 +1,7 @@
 """GoogLeNet / Inception-v1 in torchvision's layout (batch-norm variant), NHWC, Flax Linen.
 
-The backbone of the paper (SPEC §4), written so that torchvision's ``googlenet`` ImageNet weights
-convert mechanically (issue 8). Layers, in torchvision's order and names:
+The backbone of the paper (method.md §5), written so that torchvision's ``googlenet``
+ImageNet weights convert mechanically. Layers, in torchvision's order and names:
 
     conv1 (7×7/2, 64) → maxpool1 (3×3/2, ceil) → conv2 (1×1, 64) → conv3 (3×3, 192)
     → maxpool2 → inception3a, 3b → maxpool3 → inception4a … 4e → maxpool4 (2×2/2, ceil)
