@@ -38,6 +38,9 @@ _PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index, 0-
 _DISTRIBUTED = flags.DEFINE_bool(
     "distributed", False, "jax.distributed.initialize() with the cluster's own settings "
     "(Cloud TPU, SLURM, Open MPI); implied by --coordinator_address.")
+_TUNE_MALLOC = flags.DEFINE_bool(
+    "tune_malloc", True, "One malloc arena, no mmap / trim of large blocks (smine_jax.hostmem: "
+    "~20 percent faster train steps with XLA on CPU; freed memory stays with the process).")
 _HEARTBEAT = flags.DEFINE_integer(
     "heartbeat_timeout", 60, "Seconds without a heartbeat after which the run counts a process "
     "as lost and every other process stops (several processes).")
@@ -194,6 +197,8 @@ def _start_processes() -> None:
 
 def _main(dataset: str, argv: list[str]) -> None:
     del argv
+    if _TUNE_MALLOC.value:  # before jax starts its threads and allocates anything
+        hostmem.tune_malloc()
     _start_processes()
     from smine_jax import data, train
 
@@ -237,8 +242,6 @@ def _main(dataset: str, argv: list[str]) -> None:
 
 def run(dataset: str, argv: list[str] | None = None) -> None:
     """The main of `python -m experiments.<dataset>`; `--config` defaults to its config file."""
-    # Before jax runs anything: XLA's large per-step buffers reuse memory instead of fresh mmaps.
-    hostmem.tune_malloc()
     argv = list(argv or sys.argv)
     if not any(arg == "--config" or arg.startswith("--config=") for arg in argv[1:]):
         default = os.path.join(os.path.dirname(__file__), "configs", f"{dataset}.py")
