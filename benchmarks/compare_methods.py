@@ -220,6 +220,18 @@ def _append_json(path: Path, value: dict) -> None:
         file.write(json.dumps(value, sort_keys=True) + "\n")
 
 
+def record_invocation(script: str, argv, runs_dir: Path, *, report_only: bool
+                      ) -> tuple[str, Path]:
+    """(this invocation as a shell line, RUNS/commands.jsonl); a training invocation is appended
+    to that history with its date, so the report can list every command that trained."""
+    invocation = shlex.join(["python", script, *(sys.argv[1:] if argv is None else argv)])
+    history = runs_dir / "commands.jsonl"
+    if not report_only:
+        _append_json(history, {"command": invocation,
+                               "date": datetime.datetime.now().isoformat(timespec="seconds")})
+    return invocation, history
+
+
 class _ChildSignals:
     """Forwards SIGTERM to the running child (which checkpoints and exits with 143) and
     remembers it, so the loop stops after that child instead of starting the next run."""
@@ -1187,15 +1199,12 @@ def load_tuned(path: str | None) -> dict[str, dict]:
 def main(argv=None) -> None:
     args = _parse_args(argv)
     names = [*args.variants, *([PEER] if args.peer else [])]
-    command = shlex.join(["python", "benchmarks/compare_methods.py",
-                          *(sys.argv[1:] if argv is None else argv)])
-    history = args.runs_dir / "commands.jsonl"
+    command, history = record_invocation("benchmarks/compare_methods.py", argv, args.runs_dir,
+                                         report_only=args.report_only)
     failures, stopped = [], False
     if not args.report_only:
         index, count = args.shard
         jobs = [(name, seed) for seed in args.seeds for name in names][index::count]
-        _append_json(history, {"command": command,
-                               "date": datetime.datetime.now().isoformat(timespec="seconds")})
         failures, stopped = run_all(
             jobs, runs_dir=args.runs_dir, epochs=args.epochs,
             command_for=lambda name, seed, workdir: run_command(

@@ -38,9 +38,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import datetime
 import math
-import shlex
 import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -318,13 +316,10 @@ def main(argv=None) -> None:
     args.data_dir = Path(args.data_dir).absolute()
     if not args.report_only and not args.data_dir.is_dir():
         parser.error(f"--data-dir: {args.data_dir} is not a folder (Omniglot)")
-    invocation = shlex.join(["python", "benchmarks/smart_study.py",
-                             *(sys.argv[1:] if argv is None else argv)])
-    history = args.runs_dir / "commands.jsonl"
+    invocation, history = cm.record_invocation("benchmarks/smart_study.py", argv, args.runs_dir,
+                                               report_only=args.report_only)
     failures, stopped = [], False
     if not args.report_only:
-        cm._append_json(history, {"command": invocation,
-                                  "date": datetime.datetime.now().isoformat(timespec="seconds")})
         for _ in range(args.stages):  # stage 1, then stage 2 (planned from stage 1's scores)
             settings, _, _ = current_plan(args.runs_dir, args.epochs, args.stages)
             by_name = {s.name: s for s in settings}

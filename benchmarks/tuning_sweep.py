@@ -30,10 +30,8 @@ metrics.jsonl only.
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import math
-import shlex
 import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -211,13 +209,10 @@ def main(argv=None) -> None:
         setattr(args, name, Path(getattr(args, name)).absolute())
     if not args.report_only and not args.data_dir.is_dir():
         parser.error(f"--data-dir: {args.data_dir} is not a folder (Omniglot)")
-    invocation = shlex.join(["python", "benchmarks/tuning_sweep.py",
-                             *(sys.argv[1:] if argv is None else argv)])
-    history = args.runs_dir / "commands.jsonl"
+    invocation, history = cm.record_invocation("benchmarks/tuning_sweep.py", argv,
+                                               args.runs_dir, report_only=args.report_only)
     failures, stopped = [], False
     if not args.report_only:
-        cm._append_json(history, {"command": invocation,
-                                  "date": datetime.datetime.now().isoformat(timespec="seconds")})
         by_name = {c.name: c for cells in _grids(args).values() for c in cells}
         failures, stopped = cm.run_all(
             [(name, study.SEED) for name in by_name][shard::shards], runs_dir=args.runs_dir,
