@@ -158,7 +158,7 @@ def distance_weighted_triplets(key, embeddings, labels, *, cutoff=0.5, nonzero_l
     _check_kappa(kappa)
     _check_scalar(nonzero_loss_cutoff, "nonzero_loss_cutoff", lower=0.0, strict=True,
                   allow_inf=True)
-    if _is_concrete(cutoff) and _is_concrete(nonzero_loss_cutoff):
+    if validation.is_concrete(cutoff) and validation.is_concrete(nonzero_loss_cutoff):
         if not float(nonzero_loss_cutoff) > float(cutoff):
             raise ValueError(
                 f"nonzero_loss_cutoff={float(nonzero_loss_cutoff)} must exceed "
@@ -188,10 +188,8 @@ def all_triplets(embeddings, labels, *, positives_per_anchor: int, mask=None,
     Returns:
       ``BatchTriplets`` with B * P * B slots.
     """
-    if (isinstance(positives_per_anchor, bool) or int(positives_per_anchor) != positives_per_anchor
-            or positives_per_anchor < 1):
-        raise ValueError(f"positives_per_anchor: expected a positive integer, got "
-                         f"{positives_per_anchor!r}")
+    positives_per_anchor = validation.positive_int(positives_per_anchor, "positives_per_anchor",
+                                                   whole_floats=True)
     _check_kappa(kappa)
     embeddings, labels, mask = _prepare(embeddings, labels, mask)
     return _all(embeddings, labels, mask, kappa, num_positives=int(positives_per_anchor))
@@ -361,22 +359,18 @@ def _batch_triplets(anchor, positive, negative, valid):
 # --------------------------------------------------------------------------- argument checks
 
 
-def _is_concrete(value) -> bool:
-    return not isinstance(value, jax.core.Tracer)
-
-
 def _prepare(embeddings, labels, mask):
     """Checks (host-side when concrete) and converts the shared arguments.
 
     Returns float32 embeddings [B, D], labels [B] (dense int32 ids when concrete) and a bool
     mask [B] (all True when None).
     """
-    if _is_concrete(embeddings):
+    if validation.is_concrete(embeddings):
         embeddings = validation.as_embeddings(embeddings)
     elif embeddings.ndim != 2:
         raise ValueError(f"embeddings: expected a 2-D array [B, D], got shape {embeddings.shape}")
     num_rows = embeddings.shape[0]
-    if _is_concrete(labels):
+    if validation.is_concrete(labels):
         labels = validation.as_labels(labels, num_rows)
         # Dense ids: int64 labels stay distinct even where jax works in int32.
         labels = np.unique(labels, return_inverse=True)[1].reshape(-1).astype(np.int32)
@@ -387,7 +381,7 @@ def _prepare(embeddings, labels, mask):
     if mask is None:
         mask = np.ones(num_rows, dtype=bool)
     else:
-        if _is_concrete(mask):
+        if validation.is_concrete(mask):
             mask = np.asarray(mask)
         shape, dtype = tuple(mask.shape), mask.dtype
         if shape != (num_rows,) or dtype != np.dtype(bool):
@@ -408,7 +402,7 @@ def _check_kappa(kappa) -> None:
 def _check_scalar(value, name: str, *, lower: float, strict: bool = False,
                   allow_inf: bool = False) -> None:
     """Concrete scalars only: a real number above `lower` (or at it unless strict)."""
-    if not _is_concrete(value):
+    if not validation.is_concrete(value):
         return
     if np.ndim(value) != 0 or isinstance(value, bool):
         raise ValueError(f"{name}: expected a real scalar, got {value!r}")

@@ -73,6 +73,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import struct
 
+from smine_jax import validation
+
 POLICIES = ("adaptive", "manual")
 ERROR_SIGNALS = ("all", "mined")
 AUTO = "auto"
@@ -127,7 +129,7 @@ class ControllerConfig:
                      "degenerate_factor", "min_slope", "tolerance"):
             self._set(name, _as_float(name, getattr(self, name)))
         for name in ("window", "random_epochs", "manual_halve_every"):
-            self._set(name, _as_int(name, getattr(self, name)))
+            self._set(name, validation.integer(getattr(self, name), name, whole_floats=True))
         for name in ("kappa_random", "max_step_factor"):
             if getattr(self, name) is not None:
                 self._set(name, _as_float(name, getattr(self, name)))
@@ -170,14 +172,6 @@ class ControllerConfig:
 def _require(condition: bool, name: str, expectation: str, config: ControllerConfig) -> None:
     if not condition:
         raise ValueError(f"{name}: {expectation}, got {getattr(config, name)!r}")
-
-
-def _as_int(name: str, value) -> int:
-    integral = isinstance(value, numbers.Integral) or (
-        isinstance(value, numbers.Real) and math.isfinite(value) and float(value).is_integer())
-    if isinstance(value, (bool, np.bool_)) or not integral:
-        raise ValueError(f"{name}: expected an integer, got {value!r}")
-    return int(value)
 
 
 def _as_float(name: str, value, expected: str = "a real number") -> float:
@@ -274,7 +268,7 @@ def init(config=None, **overrides) -> ControllerState:
 
 def _check_error(name: str, value) -> None:
     """ValueError naming ``name`` unless a concrete value is a finite scalar in [0, 1]."""
-    if isinstance(value, jax.core.Tracer):
+    if not validation.is_concrete(value):
         if jnp.shape(value) != ():
             raise ValueError(f"{name}: expected a scalar, got shape {jnp.shape(value)}")
         return
@@ -464,7 +458,7 @@ def calibrate_kappa(neighbour_ids, neighbour_sq_dists, labels, *, share=0.5, anc
     """
     from smine_jax import mining
 
-    if not isinstance(share, jax.core.Tracer):
+    if validation.is_concrete(share):
         value = _as_float("share", share)
         if not 0.0 < value <= 1.0:
             raise ValueError(f"share: expected a value in (0, 1], got {value}")

@@ -25,6 +25,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from smine_jax import validation
+
 # Smallest normal float32. Squared distances below it (distances < 1.1e-19) count as 0, so the
 # square root's derivative 1 / (2 sqrt(s)) stays finite even where denormals are flushed to zero.
 _SQRT_FLOOR = float(np.finfo(np.float32).tiny)
@@ -81,7 +83,7 @@ def _check_vector(value, name: str, num_rows: int, *, kind: str):
 
 def _check_scalar(value, name: str, *, minimum: float | None = None, strict: bool = False):
     """Checks a concrete hyper-parameter is a finite real >= (or >) `minimum`; skips tracers."""
-    if isinstance(value, jax.core.Tracer):
+    if not validation.is_concrete(value):
         return
     if np.ndim(value) != 0:
         raise ValueError(f"{name}: expected a scalar, got shape {np.shape(value)}")

@@ -191,24 +191,16 @@ def kmeans(embeddings, num_clusters: int, *, seed: int = 0,
     keeps its previous centre. Deterministic for a given `seed`.
     """
     points = validation.as_embeddings(embeddings)
-    num_clusters = _check_count(num_clusters, "num_clusters", 1, points.shape[0])
-    max_iters = _check_count(max_iters, "max_iters", 0)
-    num_restarts = _check_count(num_restarts, "num_restarts", 1)
+    num_clusters = validation.integer(num_clusters, "num_clusters", minimum=1,
+                                      maximum=points.shape[0])
+    max_iters = validation.integer(max_iters, "max_iters", minimum=0)
+    num_restarts = validation.integer(num_restarts, "num_restarts", minimum=1)
     assignments, _ = _kmeans(jnp.asarray(points), jax.random.key(_check_seed(seed)),
                              jnp.int32(max_iters), num_clusters=num_clusters,
                              num_restarts=num_restarts)
     return assignments
 
 
-def _check_count(value, name: str, low: int, high: int | None = None) -> int:
-    """`value` as an int in [low, high], or a ValueError naming `name`."""
-    if isinstance(value, bool) or not isinstance(value, int | np.integer):
-        raise ValueError(f"{name}: expected an integer, got {value!r}")
-    value = int(value)
-    if value < low or (high is not None and value > high):
-        bound = f"{low} <= {name}" + (f" <= {high}" if high is not None else "")
-        raise ValueError(f"{name}={value} must satisfy {bound}")
-    return value
 
 
 def _check_seed(seed) -> int:

@@ -440,10 +440,6 @@ def _mine(key, neighbour_ids, sq_dists, index, kappa, anchor_ids, *, num_slots, 
     return triplets, info
 
 
-def _is_concrete(*arrays) -> bool:
-    return not any(isinstance(x, jax.core.Tracer) for x in arrays)
-
-
 @jax.jit
 def _checked_class_index(labels):
     index = _class_index(labels)
@@ -463,7 +459,7 @@ def _index_of_labels(labels) -> _ClassIndex:
     with two members), mapped to int32 (arbitrary integers allowed) and their structure is
     cached by content. Traced labels are used as int32, unchecked.
     """
-    if not _is_concrete(labels):
+    if not validation.is_concrete(labels):
         return _class_index(jnp.asarray(labels).astype(jnp.int32))
     array = validation.as_labels(labels)
     int32 = np.iinfo(np.int32)
@@ -497,7 +493,7 @@ def _as_ids(values, name: str) -> jax.Array:
     """int32 jax array of ids; int64 input is range-checked first so that nothing wraps."""
     if not jnp.issubdtype(jnp.result_type(values), jnp.integer):
         raise ValueError(f"{name}: expected integer ids, got {jnp.result_type(values)}")
-    if _is_concrete(values) and jnp.result_type(values).itemsize > 4 and np.size(values):
+    if validation.is_concrete(values) and jnp.result_type(values).itemsize > 4 and np.size(values):
         host = np.asarray(values)
         if host.min() < 0 or host.max() > np.iinfo(np.int32).max:
             raise ValueError(f"{name}: ids must lie in [0, 2**31 - 1], got [{host.min()}, "
@@ -548,7 +544,7 @@ def _check_mining_settings(kappa, num_slots) -> None:
         raise ValueError(f"triplets_per_anchor: expected a positive integer, got {num_slots!r}")
     if np.ndim(kappa) != 0:
         raise ValueError(f"kappa: expected a scalar, got shape {np.shape(kappa)}")
-    if _is_concrete(kappa):
+    if validation.is_concrete(kappa):
         kappa_value = float(kappa)
         if not (np.isfinite(kappa_value) and kappa_value >= 0):
             raise ValueError(f"kappa: expected a finite scalar >= 0, got {kappa_value}")
@@ -628,7 +624,7 @@ def _checked_lists(neighbour_ids, neighbour_sq_dists, labels, anchor_ids, chunk_
     neighbour_ids = _as_ids(neighbour_ids, "neighbour_ids")
     sq_dists = jnp.asarray(neighbour_sq_dists).astype(jnp.float32)
     anchors = None if anchor_ids is None else _as_ids(anchor_ids, "anchor_ids")
-    if _is_concrete(neighbour_ids, sq_dists, anchors):
+    if validation.is_concrete(neighbour_ids, sq_dists, anchors):
         _check_values(neighbour_ids, sq_dists, anchors, num_samples, chunk_size)
     return index, neighbour_ids, sq_dists, anchors
 
@@ -682,12 +678,6 @@ def sample_triplets(key, neighbour_ids, neighbour_sq_dists, labels, kappa, *,
                          chunk_size=chunk_size)[0]
 
 
-def _check_count(value, name: str) -> int:
-    if isinstance(value, bool) or int(value) != value or value < 0:
-        raise ValueError(f"{name}: expected a non-negative integer, got {value!r}")
-    return int(value)
-
-
 @functools.partial(jax.jit, static_argnames=("num_triplets",))
 def _random(key, index: _ClassIndex, num_triplets: int) -> Triplets:
     words = _random_words(key, (num_triplets, _DRAWS_PER_SLOT))
@@ -700,7 +690,7 @@ def random_triplets(key, labels, num_triplets: int) -> Triplets:
     """``num_triplets`` random triplets (method.md §2): uniform anchor among the samples of classes
     with at least two members, uniform same-class positive != anchor, uniform other-class
     negative; ``mined`` is all False. The baseline of epochs 1-2 and the random share after."""
-    num_triplets = _check_count(num_triplets, "num_triplets")
+    num_triplets = validation.integer(num_triplets, "num_triplets", minimum=0, whole_floats=True)
     return _random(key, _index_of_labels(labels), num_triplets)
 
 
@@ -745,9 +735,9 @@ def epoch_triplets(key, mined: Triplets, labels, *, mined_fraction: float,
     own anchors' triplets; fold the process index into ``key``.
     """
     num_candidates = int(np.shape(mined.anchor)[0])
-    num_triplets = num_candidates if num_triplets is None else _check_count(
-        num_triplets, "num_triplets")
-    if _is_concrete(mined_fraction):
+    num_triplets = num_candidates if num_triplets is None else validation.integer(
+        num_triplets, "num_triplets", minimum=0, whole_floats=True)
+    if validation.is_concrete(mined_fraction):
         fraction = float(mined_fraction)
         if not 0.0 <= fraction <= 1.0:
             raise ValueError(f"mined_fraction: expected a value in [0, 1], got {fraction}")
@@ -927,13 +917,6 @@ def _index_batches(key, neighbour_ids, sq_dists, index, kappa, anchor_ids, *, cl
     return ids, mask, info
 
 
-def _check_at_least(value, name: str, low: int) -> int:
-    count = _check_count(value, name)
-    if count < low:
-        raise ValueError(f"{name}: expected an integer >= {low}, got {value!r}")
-    return count
-
-
 def index_batches(key, neighbour_ids, neighbour_sq_dists, labels, kappa, *,
                   classes_per_batch: int, samples_per_class: int, num_batches: int,
                   smart_fraction: float = 1.0, anchor_ids=None,
@@ -971,10 +954,11 @@ def index_batches(key, neighbour_ids, neighbour_sq_dists, labels, kappa, *,
       ValueError: for malformed inputs, naming the argument (value checks on concrete inputs
         only; under jit the inputs are trusted).
     """
-    num_classes = _check_at_least(classes_per_batch, "classes_per_batch", 2)
-    num_members = _check_at_least(samples_per_class, "samples_per_class", 2)
-    num_batches = _check_at_least(num_batches, "num_batches", 1)
-    if not _is_concrete(smart_fraction) or np.ndim(smart_fraction) != 0:
+    num_classes, num_members, num_batches = (
+        validation.integer(value, name, minimum=low, whole_floats=True) for value, name, low in (
+            (classes_per_batch, "classes_per_batch", 2),
+            (samples_per_class, "samples_per_class", 2), (num_batches, "num_batches", 1)))
+    if not validation.is_concrete(smart_fraction) or np.ndim(smart_fraction) != 0:
         raise ValueError(f"smart_fraction: expected a concrete float in [0, 1] (it sets static "
                          f"shapes), got {smart_fraction!r}")
     fraction = float(smart_fraction)
@@ -984,7 +968,7 @@ def index_batches(key, neighbour_ids, neighbour_sq_dists, labels, kappa, *,
     _check_mining_settings(kappa, 1)
     index, neighbour_ids, sq_dists, anchors = _checked_lists(
         neighbour_ids, neighbour_sq_dists, labels, anchor_ids, chunk_size)
-    if _is_concrete(index.order):
+    if validation.is_concrete(index.order):
         with jax.ensure_compile_time_eval():  # also inside a caller's jit (cached index)
             num_eligible = int(_eligible_classes(index)[1])
         if num_eligible < num_classes:

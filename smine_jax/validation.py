@@ -81,8 +81,39 @@ def as_query_ids(query_ids, num_rows: int, name: str = "query_ids") -> np.ndarra
     return array.astype(np.int32)
 
 
-def positive_int(value, name: str) -> int:
-    """int(value) for an integer >= 1 (Python or numpy, not bool), else ValueError naming `name`."""
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
-        raise ValueError(f"{name}: expected a positive integer, got {value!r}")
+def integer(value, name: str, *, minimum: int | None = None, maximum: int | None = None,
+            whole_floats: bool = False) -> int:
+    """int(value) for an integer in [minimum, maximum] (Python or numpy, never bool; with
+    `whole_floats` also 2.0, as configs and YAML give), else ValueError naming `name`.
+
+    The one integer check of the package: every count, size and index argument goes through it,
+    so every message reads "NAME: expected a positive integer, got VALUE"."""
+    if whole_floats and isinstance(value, (float, np.floating)) and float(value).is_integer():
+        value = int(value)
+    in_range = (isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_))
+                and (minimum is None or value >= minimum)
+                and (maximum is None or value <= maximum))
+    if not in_range:
+        raise ValueError(f"{name}: expected {_integer_kind(minimum, maximum)}, got {value!r}")
     return int(value)
+
+
+def _integer_kind(minimum: int | None, maximum: int | None) -> str:
+    if maximum is not None:
+        return f"an integer in [{minimum}, {maximum}]" if minimum is not None else (
+            f"an integer <= {maximum}")
+    return {None: "an integer", 0: "a non-negative integer", 1: "a positive integer"}.get(
+        minimum, f"an integer >= {minimum}")
+
+
+def positive_int(value, name: str, *, whole_floats: bool = False) -> int:
+    """`integer(value, name, minimum=1)`."""
+    return integer(value, name, minimum=1, whole_floats=whole_floats)
+
+
+def is_concrete(*values) -> bool:
+    """Whether none of `values` is a jax tracer: value checks run on concrete inputs only (under
+    jit the inputs are trusted, shape checks still run)."""
+    import jax
+
+    return not any(isinstance(value, jax.core.Tracer) for value in values)

@@ -9,10 +9,8 @@ from smine_jax import validation
 
 
 def positive_int(value, name: str) -> int:
-    """`validation.positive_int`, also accepting a whole float >= 1 (e.g. 2.0 from a config)."""
-    if isinstance(value, float) and value.is_integer() and value >= 1:
-        value = int(value)
-    return validation.positive_int(value, name)
+    """A positive integer from a config, where 2.0 means 2 (`validation.positive_int`)."""
+    return validation.positive_int(value, name, whole_floats=True)
 
 
 def check_channels(channels) -> int:

@@ -207,10 +207,6 @@ def default_config(name: str = "googlenet"):
     return ml_collections.ConfigDict(fields)
 
 
-def _positive_int(value, field: str) -> int:
-    return validation.positive_int(value, f"model.{field}")
-
-
 def _boolean(value, field: str) -> bool:
     if not isinstance(value, (bool, np.bool_)):
         raise ValueError(f"model.{field}: expected True or False, got {value!r}")
@@ -231,7 +227,7 @@ def _resolve_config(model_config) -> dict[str, Any]:
     cfg = {**_COMMON_FIELDS, **_ARCH_FIELDS[name]}
     cfg.update({key: value for key, value in given.items() if key in cfg})
     cfg["name"] = name
-    cfg["embedding_dim"] = _positive_int(cfg["embedding_dim"], "embedding_dim")
+    cfg["embedding_dim"] = validation.positive_int(cfg["embedding_dim"], "model.embedding_dim")
     if cfg["dtype"] not in DTYPES:
         raise ValueError(f"model.dtype={cfg['dtype']!r}: expected one of {tuple(DTYPES)}")
     for field in ("allow_missing", "allow_unexpected", "transform_input", "l2_normalise"):
@@ -246,8 +242,8 @@ def _resolve_config(model_config) -> dict[str, Any]:
         if isinstance(rate, bool) or not isinstance(rate, (int, float)) or not 0 <= rate < 1:
             raise ValueError(f"model.dropout_rate: expected a number in [0, 1), got {rate!r}")
     if name == "small_conv":
-        cfg["width"] = _positive_int(cfg["width"], "width")
-        cfg["depth"] = _positive_int(cfg["depth"], "depth")
+        cfg["width"] = validation.positive_int(cfg["width"], "model.width")
+        cfg["depth"] = validation.positive_int(cfg["depth"], "model.depth")
         if cfg["pooling"] not in POOLINGS:
             raise ValueError(f"model.pooling={cfg['pooling']!r}: expected one of {POOLINGS}")
     return cfg
