@@ -723,7 +723,7 @@ def claims_markdown(finished: Mapping[str, Mapping[int, list]], epochs: int,
         delta = f"{100 * difference:+.1f} points{p_text}" if np.isfinite(difference) else "—"
         return f"{text}: {delta}: **{verdict}**"
 
-    lines = ["## The paper's claims (method.md §5), computed", "",
+    lines = ["## The paper's claims ([docs/method.md](../docs/method.md) §5), computed", "",
              f"Difference of the seed means and the two-sided p-value of Welch's t-test "
              f"(scipy); held / reversed: p < {SIGNIFICANCE} in that direction.", "",
              "- " + line("Index mining beats semi-hard (R@1, `index_no_global` − `semihard`)",
