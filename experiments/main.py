@@ -8,6 +8,11 @@ colon (variants); `--config.a.b=v` overrides a field. Rerunning the same command
 the workdir's latest checkpoint. A bad flag or setting ends with one line `error: ...` naming
 the flag, exit status 2 (no traceback); SIGTERM saves a checkpoint and exits with status 143,
 Ctrl-C (SIGINT) the same with status 130.
+
+Several processes (README "Several hosts"): `--coordinator_address=HOST:PORT --num_processes=P
+--process_id=I` on every process, or `--distributed` where JAX finds them itself; all of them
+with the same `--workdir` on a shared filesystem. `--notune_malloc` leaves glibc's allocator
+alone (smine_jax.hostmem).
 """
 
 from __future__ import annotations
