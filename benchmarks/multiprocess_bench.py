@@ -30,7 +30,8 @@ SETTINGS = ("1 process, 1 device", "1 process, 2 devices", "2 processes")
 PHASES = ("embed", "index", "mine", "train", "eval")
 
 
-def _free_port() -> int:
+def free_port() -> int:
+    """A TCP port free on 127.0.0.1 now (for a coordinator)."""
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         return probe.getsockname()[1]
@@ -44,7 +45,7 @@ def commands(setting: str, workdir: Path, flags: Sequence[str]) -> list[tuple[li
         return [(base, {})]
     if setting == SETTINGS[1]:
         return [(base, {"XLA_FLAGS": "--xla_force_host_platform_device_count=2"})]
-    port = _free_port()
+    port = free_port()
     return [([*base, f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2",
               f"--process_id={index}"], {}) for index in range(2)]
 

@@ -71,8 +71,7 @@ def _flag_message(message: str) -> str:
 
 
 def _usage_error(message: str) -> None:
-    print(f"error: {_flag_message(message)}", file=sys.stderr)
-    sys.exit(EXIT_USAGE)
+    _fail(_flag_message(message), EXIT_USAGE)
 
 
 def _flag_error_text(error: Exception) -> str:
@@ -195,9 +194,7 @@ def _start_processes() -> None:
         jax.distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value,
                                    heartbeat_timeout_seconds=_HEARTBEAT.value)
     except (RuntimeError, ValueError) as error:
-        print(f"error: jax.distributed.initialize failed: {_one_line(str(error))}",
-              file=sys.stderr)
-        sys.exit(1)
+        _fail(f"jax.distributed.initialize failed: {error}", 1)
 
 
 def _main(dataset: str, argv: list[str]) -> None:
@@ -221,7 +218,7 @@ def _main(dataset: str, argv: list[str]) -> None:
     try:
         results = train.train_and_evaluate(config, _WORKDIR.value)
     except ValueError as error:
-        _fail(_flag_message(str(error)), EXIT_USAGE)
+        _usage_error(str(error))
     except (data.ImageReadError, data.DownloadError, train.Diverged, train.CheckpointError,
             train.DiskFull, train.SharedWorkdirError) as error:
         _fail(str(error), 1)

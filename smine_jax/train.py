@@ -629,8 +629,9 @@ def _sync(name: str) -> None:
 
 @dataclasses.dataclass
 class _EpochPlan:
-    """One epoch's batches for this process: ids [steps, local_batch(, 3)], mask, and which
-    triplets were mined ([steps, local_batch]; all False for image batches)."""
+    """One epoch's batches for this process (its slice of every global batch): ids [steps,
+    rows(, 3)], mask, and which triplets were mined ([steps, rows]; all False for image
+    batches)."""
 
     ids: np.ndarray
     mask: np.ndarray
@@ -643,11 +644,18 @@ class _EpochPlan:
     kappa: float = 0.0
 
 
+def _record_without_mining() -> tuple[dict, dict]:
+    """(record, seconds) of an epoch plan that does not mine; a mining epoch fills them in."""
+    return ({"mining": False, "kappa": None, "mined_fraction": 0.0, "mined_fraction_target": 0.0},
+            {"embed": 0.0, "index": 0.0, "mine": 0.0})
+
+
 class _NeighbourLists(NamedTuple):
-    """A mining epoch's neighbour lists of this process's anchors and the controller they set."""
+    """A mining epoch's neighbour lists of all its anchors (the same on every process) and the
+    controller they set."""
 
     labels: np.ndarray  # i32[N] of the embedded training set
-    anchors: np.ndarray  # this process's anchor ids
+    anchors: np.ndarray  # the epoch's anchor ids
     ids: jax.Array  # i32[A, k]
     sq_dists: jax.Array  # f32[A, k]
     controller: controller.ControllerState  # κ₀ calibrated from the lists where "auto"
@@ -691,10 +699,8 @@ class _Trainer:
         image_shape = (data_config["crop_size"],) * 2 + (data_config["channels"],)
 
         # The epoch's plan is global (N triplets, or 3N images, in global batches, the same on
-        # every process); each process feeds its slice of every batch.
+        # every process); each process feeds its slice of every batch (`_local_part`).
         process_count = jax.process_count()
-        self.local_batch = int(config.train.batch_size) // process_count
-        self.local_images = inbatch_images(config) // process_count
         if self.kind == "smart":
             self.steps_per_epoch = math.ceil(self.num_train / int(config.train.batch_size))
         else:  # as many images an epoch as the triplet variants: 3 per triplet
@@ -840,8 +846,7 @@ class _Trainer:
         self._remove_old_dumps(keep=dump)
         embedded = time.perf_counter()
         anchors = self._epoch_anchors(state, epoch)
-        block = _local_block(self.num_train)
-        own = anchors[np.isin(anchors, block)] if jax.process_count() > 1 else anchors
+        own = anchors[np.isin(anchors, _local_block(self.num_train))]
         neighbour_ids, sq_dists = index.neighbours(
             embeddings, self.neighbour_count(), backend=str(config.mining.backend),
             query_ids=own, **self._index_options())
@@ -861,9 +866,7 @@ class _Trainer:
     def _triplet_plan(self, state: TrainState, epoch: int) -> _EpochPlan:
         config, ctrl = self.config, state.controller
         fraction = float(config.mining.mined_fraction)
-        seconds = {"embed": 0.0, "index": 0.0, "mine": 0.0}
-        record: dict = {"mining": False, "kappa": None, "mined_fraction": 0.0,
-                        "mined_fraction_target": 0.0}
+        record, seconds = _record_without_mining()
         if self.mines_in_epoch(state):
             lists = self._neighbour_lists(state, epoch)
             ctrl, labels = lists.controller, lists.labels
@@ -903,9 +906,7 @@ class _Trainer:
         built from the neighbour lists by `mining.index_batches`."""
         config, ctrl = self.config, state.controller
         m = int(config.train.samples_per_class)
-        seconds = {"embed": 0.0, "index": 0.0, "mine": 0.0}
-        record: dict = {"mining": False, "kappa": None, "mined_fraction": 0.0,
-                        "mined_fraction_target": 0.0}
+        record, seconds = _record_without_mining()
         key = _key(state.rng, _BATCHES, epoch, 0)
         images = inbatch_images(config)
         if self.mines_in_epoch(state):

@@ -86,8 +86,8 @@ def integer(value, name: str, *, minimum: int | None = None, maximum: int | None
     """int(value) for an integer in [minimum, maximum] (Python or numpy, never bool; with
     `whole_floats` also 2.0, as configs and YAML give), else ValueError naming `name`.
 
-    The one integer check of the package: every count, size and index argument goes through it,
-    so every message reads "NAME: expected a positive integer, got VALUE"."""
+    The one integer check of the package: count, size and index arguments go through it, so
+    their messages read alike ("NAME: expected a positive integer, got VALUE")."""
     if whole_floats and isinstance(value, (float, np.floating)) and float(value).is_integer():
         value = int(value)
     in_range = (isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_))

@@ -7,8 +7,8 @@ from __future__ import annotations
 import json
 import re
 import signal
-import socket
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -17,17 +17,14 @@ from test_experiments import _cli, _epoch_records, _run_cli, _Watcher
 from test_train import make_omniglot_folder
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO_ROOT / "benchmarks"))
+
+import multiprocess_bench as bench  # noqa: E402
 
 # A small run with enough steps an epoch (48 at batch 8) to be killed in the middle of one.
 ARGS = ["--config=experiments/configs/omniglot.py:smoke", "--config.data.image_size=48",
         "--config.data.crop_size=40", "--config.model.depth=3", "--config.train.batch_size=8",
         "--config.subset.max_per_class=24", "--config.controller.kappa_init=1.0"]
-
-
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 def _processes(workdirs, *args, port: int, env, **popen) -> list[subprocess.Popen]:
@@ -58,7 +55,7 @@ def test_two_processes_train_what_one_process_with_two_devices_trains_and_resume
 
     # SIGKILL process 1 in the middle of epoch 2: process 0 stops within seconds, one line.
     workdir = tmp_path / "two"
-    port = _free_port()
+    port = bench.free_port()
     first, second = _processes([workdir, workdir], *data, port=port, env=env,
                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     watchers = [_Watcher(first), _Watcher(second)]
@@ -75,7 +72,7 @@ def test_two_processes_train_what_one_process_with_two_devices_trains_and_resume
     assert [r["epoch"] for r in _epoch_records(workdir)] == [1]
 
     # Both again: the run resumes from epoch 1 and ends exactly as one process with 2 devices.
-    processes = _processes([workdir, workdir], *data, port=_free_port(), env=env,
+    processes = _processes([workdir, workdir], *data, port=bench.free_port(), env=env,
                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     outputs = [process.communicate(timeout=600) for process in processes]
     for process, (_, stderr) in zip(processes, outputs, strict=True):
@@ -102,7 +99,7 @@ def test_a_workdir_that_is_not_shared_stops_every_process_naming_the_missing_sha
         omniglot, tmp_path):
     data, env = omniglot
     processes = _processes([tmp_path / "a", tmp_path / "b"], *data,
-                           "--config.train.shard_timeout=3", port=_free_port(), env=env,
+                           "--config.train.shard_timeout=3", port=bench.free_port(), env=env,
                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     for index, process in enumerate(processes):
         _, stderr = process.communicate(timeout=600)
@@ -130,11 +127,6 @@ def test_the_process_flags_come_together_or_not_at_all(tmp_path):
 
 
 def test_the_benchmark_splits_the_mining_epochs_by_phase(tmp_path):
-    import sys
-
-    sys.path.insert(0, str(REPO_ROOT / "benchmarks"))
-    import multiprocess_bench as bench
-
     seconds = {"embed": 1.0, "index": 2.0, "mine": 0.5, "train": 10.0, "eval": 3.0}
     records = [{"mining": False, "seconds": {**seconds, "train": 8.0}},
                {"mining": True, "seconds": seconds},
