@@ -4,7 +4,7 @@
     python benchmarks/data_bench.py --num-jpegs 200 --omniglot-limit 200 --steps 5   # smoke
 
 Measures
-  1. cache build of Omniglot (../shared/data/omniglot, skipped when absent), decode + resize;
+  1. cache build of Omniglot (the folder of --omniglot-dir, skipped when absent), decode + resize;
   2. cache build of a generated folder of JPEGs of 500×375 (5,000 by default);
   3. gather by random ids from the memory-mapped cache + device_put + jitted augmentation
      (random crop 227², flip, normalisation) of batches of 128: separately, back to back, and
