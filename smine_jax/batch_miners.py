@@ -12,9 +12,10 @@ whole training set, these miners look only at one batch's embeddings:
 
 Each returns ``BatchTriplets``: int32 indices into the batch plus a bool ``valid`` mask, with
 static shapes (B * B slots, one per ordered anchor-positive pair, or B slots, one per anchor), so
-a training step gathers ``embeddings[anchor]`` etc. and passes ``mask=valid`` to its loss. Work
-and memory are O(B^2): no B x B x B tensor is ever formed. All three are jit-compatible; host
-argument checks run only on concrete (non-traced) inputs.
+a training step gathers ``embeddings[anchor]`` etc. and passes ``mask=valid`` to its loss. Memory
+is O(B^2) (B x B matrices; distances from ``smine_jax.distances``, as in the losses): no
+B x B x B tensor is ever formed. All of them are jit-compatible; host argument checks run only
+on concrete (non-traced) inputs.
 
 Conventions shared by all of them:
 
@@ -41,7 +42,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from smine_jax import validation
+from smine_jax import distances, validation
 
 SEMIHARD_FALLBACKS = ("largest", "invalid")
 
@@ -202,7 +203,7 @@ def all_triplets(embeddings, labels, *, positives_per_anchor: int, mask=None,
 def _semihard(embeddings, labels, mask, margin, kappa, *, fallback):
     """Per anchor: sort the negatives' distances once, then searchsorted every d(a, p)."""
     num_rows = embeddings.shape[0]
-    sq_dists = _pairwise_sq_dists(embeddings, mask)
+    sq_dists = distances.pairwise_sq_dists(embeddings, mask)
     positive_pairs, negative_pairs = _pair_masks(labels, mask, sq_dists, kappa)
     negative_sq = jnp.where(negative_pairs, sq_dists, jnp.inf)
     # Stable sort: equal distances keep ascending index order, so the first one is the lowest.
@@ -231,7 +232,7 @@ def _semihard(embeddings, labels, mask, margin, kappa, *, fallback):
 @jax.jit
 def _batch_hard(embeddings, labels, mask, kappa):
     """Per anchor: argmax distance over its positives, argmin over its negatives."""
-    sq_dists = _pairwise_sq_dists(embeddings, mask)
+    sq_dists = distances.pairwise_sq_dists(embeddings, mask)
     positive_pairs, negative_pairs = _pair_masks(labels, mask, sq_dists, kappa)
     positive = jnp.argmax(jnp.where(positive_pairs, sq_dists, -jnp.inf), axis=1)
     negative = jnp.argmin(jnp.where(negative_pairs, sq_dists, jnp.inf), axis=1)
@@ -244,9 +245,9 @@ def _batch_hard(embeddings, labels, mask, kappa):
 def _distance_weighted(key, embeddings, labels, mask, cutoff, nonzero_loss_cutoff, kappa):
     """Masked log-weights log q(d)^-1 per anchor, then one inverse-CDF draw per (a, p) slot."""
     num_rows, dim = embeddings.shape
-    sq_dists = _pairwise_sq_dists(embeddings, mask)
+    sq_dists = distances.pairwise_sq_dists(embeddings, mask)
     positive_pairs, negative_pairs = _pair_masks(labels, mask, sq_dists, kappa)
-    dists = _safe_sqrt(sq_dists)
+    dists = distances.safe_sqrt(sq_dists)
     dists = jnp.maximum(dists, jnp.asarray(cutoff, jnp.float32))
     # log q(d)^-1 = (2 - n) log d - ((n - 3) / 2) log(1 - d^2 / 4); the floor keeps d >= 2
     # (rounding, or non-unit rows) finite instead of NaN.
@@ -279,7 +280,7 @@ def _distance_weighted(key, embeddings, labels, mask, cutoff, nonzero_loss_cutof
 def _all(embeddings, labels, mask, kappa, *, num_positives):
     """The j-th positive of each anchor by top-k over descending index keys, then [B, P, B]."""
     num_rows = embeddings.shape[0]
-    sq_dists = _pairwise_sq_dists(embeddings, mask) if kappa is not None else None
+    sq_dists = distances.pairwise_sq_dists(embeddings, mask) if kappa is not None else None
     positive_pairs, negative_pairs = _pair_masks(labels, mask, sq_dists, kappa)
     rows = jnp.arange(num_rows, dtype=jnp.int32)
     # Positives first, lower index first: key B - p for a positive p, -1 for the rest.
@@ -298,26 +299,7 @@ def _all(embeddings, labels, mask, kappa, *, num_positives):
                            valid.reshape(-1))
 
 
-# --------------------------------------------------------------------------- shared helpers
-
-
-def _pairwise_sq_dists(embeddings, mask):
-    """float32 [B, B] squared Euclidean distances; padded rows are zeroed first.
-
-    Uses ||x||^2 + ||y||^2 - 2 x.y at full float32 matmul precision (no TF32/bf16 passes),
-    clamped at 0 (rounding) and with an exact 0 diagonal.
-    """
-    x = jnp.where(mask[:, None], embeddings.astype(jnp.float32), 0.0)
-    sq_norms = jnp.sum(x * x, axis=1)
-    dots = jnp.dot(x, x.T, precision=jax.lax.Precision.HIGHEST)
-    sq = jnp.maximum(sq_norms[:, None] + sq_norms[None, :] - 2.0 * dots, 0.0)
-    return jnp.where(jnp.eye(x.shape[0], dtype=bool), 0.0, sq)
-
-
-def _safe_sqrt(sq):
-    """sqrt with a finite gradient at 0 (the miners' outputs are indices, but stay safe)."""
-    positive = sq > 0.0
-    return jnp.where(positive, jnp.sqrt(jnp.where(positive, sq, 1.0)), 0.0)
+# --------------------------------------------------------------------------- masks
 
 
 def _pair_masks(labels, mask, sq_dists=None, kappa=None):

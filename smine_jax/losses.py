@@ -13,8 +13,8 @@ Conventions shared by every function here:
   the value nor the gradient, even if it holds NaN or inf: it is replaced by zeros *before* any
   arithmetic (a ``where`` after the arithmetic would still leak ``0 * NaN = NaN`` into the
   gradient). Per-row losses are 0 at masked rows; their gradient there is 0.
-* Plain (not squared) Euclidean distances go through one safe square root whose gradient is 0 at
-  distance 0 instead of infinite, so gradients are finite everywhere (duplicates included).
+* Distances come from ``smine_jax.distances`` (explicit differences, one safe square root whose
+  gradient is 0 at distance 0), so gradients are finite everywhere (duplicates included).
 * Argument checks look only at shapes, dtypes and concrete hyper-parameters, so they also work
   on tracers inside ``jax.jit``; they raise ValueError naming the argument.
 """
@@ -25,11 +25,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from smine_jax import validation
-
-# Smallest normal float32. Squared distances below it (distances < 1.1e-19) count as 0, so the
-# square root's derivative 1 / (2 sqrt(s)) stays finite even where denormals are flushed to zero.
-_SQRT_FLOOR = float(np.finfo(np.float32).tiny)
+from smine_jax import distances, validation
 
 # Stand-in for log(0) in log-sum-exp: finite, so nothing becomes inf - inf = NaN, and far below
 # any real logit, so exp(_EXCLUDED_LOGIT - real logit) is exactly 0 in float32.
@@ -113,21 +109,6 @@ def _select_rows(mask, *arrays):
     return (mask.astype(jnp.float32), *selected)
 
 
-def _safe_sqrt(squared):
-    """sqrt(s) with a finite gradient everywhere: 0 (value and gradient) for s below float32's
-    smallest normal. The "double where" keeps the untaken branch's infinite derivative out of the
-    gradient."""
-    positive = squared > _SQRT_FLOOR
-    safe = jnp.where(positive, squared, 1.0)
-    return jnp.where(positive, jnp.sqrt(safe), 0.0)
-
-
-def _row_sq_dists(x, y):
-    """||x_i - y_i||^2 per row, from the differences (exactly 0 for identical rows)."""
-    difference = x - y
-    return jnp.sum(difference * difference, axis=-1)
-
-
 def _prepare_triplets(anchor, positive, negative, mask):
     """Checks a triplet batch and returns (valid f32[B], ||a-p||^2 f32[B], ||a-n||^2 f32[B])."""
     num_rows, dim = _check_matrix(anchor, "anchor")
@@ -136,7 +117,7 @@ def _prepare_triplets(anchor, positive, negative, mask):
     if mask is not None:
         _check_vector(mask, "mask", num_rows, kind="bool")
     valid, anchor, positive, negative = _select_rows(mask, anchor, positive, negative)
-    return valid, _row_sq_dists(anchor, positive), _row_sq_dists(anchor, negative)
+    return valid, distances.row_sq_dists(anchor, positive), distances.row_sq_dists(anchor, negative)
 
 
 def _zero_invalid(per_row, valid):
@@ -146,7 +127,7 @@ def _zero_invalid(per_row, valid):
 
 def _ratio_from_sq(sq_pos, sq_neg, margin):
     """Eq. 2 of Harwood et al.: max(0, 1 - d(a,n) / (d(a,p) + m)), plain distances."""
-    return jax.nn.relu(1.0 - _safe_sqrt(sq_neg) / (_safe_sqrt(sq_pos) + margin))
+    return jax.nn.relu(1.0 - distances.safe_sqrt(sq_neg) / (distances.safe_sqrt(sq_pos) + margin))
 
 
 def _margin_from_sq(sq_pos, sq_neg, margin):
@@ -316,7 +297,7 @@ def indexed_triplet_objective(embeddings, anchor, positive, negative, valid, *, 
     if mask is not None:
         _check_vector(mask, "mask", num_rows, kind="bool")
     _, embeddings = _select_rows(mask, embeddings)
-    sq_dists = _pairwise_sq_dists(embeddings)
+    sq_dists = distances.pairwise_sq_dists(embeddings)
     anchor = jnp.asarray(anchor)
     return _objective_from_sq(sq_dists[anchor, jnp.asarray(positive)],
                               sq_dists[anchor, jnp.asarray(negative)],
@@ -360,12 +341,6 @@ def _objective_from_sq(sq_pos, sq_neg, valid, mined, *, margin, global_margin, g
     return loss, aux
 
 
-def _pairwise_sq_dists(x):
-    """[N, N] squared distances from explicit differences: exactly 0 for duplicate rows (the
-    expanded ||x||^2 + ||y||^2 - 2 x.y form leaves ~1e-7 residues, i.e. distances ~3e-4)."""
-    return _row_sq_dists(x[:, None, :], x[None, :, :])
-
-
 def lifted_structure_loss(embeddings, labels, *, margin=1.0, mask=None):
     """Lifted structured loss (Song et al., CVPR 2016, Eq. 4: the smooth upper bound).
 
@@ -402,10 +377,10 @@ def lifted_structure_loss(embeddings, labels, *, margin=1.0, mask=None):
     upper = jnp.triu(jnp.ones((num_rows, num_rows), bool), k=1)
     positive_pair = valid_pair & same & upper
 
-    distances = _safe_sqrt(_pairwise_sq_dists(embeddings))
-    logits = jnp.where(negative_pair, margin - distances, _EXCLUDED_LOGIT)
+    dists = distances.safe_sqrt(distances.pairwise_sq_dists(embeddings))
+    logits = jnp.where(negative_pair, margin - dists, _EXCLUDED_LOGIT)
     row_lse = jax.nn.logsumexp(logits, axis=1)  # _EXCLUDED_LOGIT + log N when no negative
-    pair_loss = jnp.logaddexp(row_lse[:, None], row_lse[None, :]) + distances
+    pair_loss = jnp.logaddexp(row_lse[:, None], row_lse[None, :]) + dists
     pair_loss = jnp.where(positive_pair, jnp.square(jax.nn.relu(pair_loss)), 0.0)
     num_positive_pairs = jnp.sum(positive_pair.astype(jnp.float32))
     return jnp.sum(pair_loss) / (2.0 * jnp.maximum(num_positive_pairs, 1.0))
