@@ -27,7 +27,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from smine_jax import models
-from smine_jax.models import _layers
+from smine_jax.models import _layers, weights
 from smine_jax.models.googlenet import GoogLeNet, Inception
 from smine_jax.models.resnet import Bottleneck, ResNet50
 
@@ -130,7 +130,7 @@ def flax_variables_from_torch(module, sample, state) -> dict:
     """What the converter does: every Flax leaf from its torchvision key, relaid out."""
     shapes = jax.eval_shape(lambda: module.init(jax.random.key(0), sample))
     flat = {}
-    for key, leaf in models._flatten(shapes).items():
+    for key, leaf in weights._flatten(shapes).items():
         array = to_flax_layout(key, state[models.torchvision_key(key)])
         assert array.shape == leaf.shape, key
         flat[key] = jnp.asarray(array, jnp.float32)
@@ -302,7 +302,7 @@ def test_parameter_counts_equal_torchvision(backbone, expected_params, expected_
     (ResNet50(num_classes=1000), tv_resnet50_shapes(1000)),
 ], ids=["googlenet", "resnet50"])
 def test_flax_paths_map_one_to_one_onto_torchvision_keys(backbone, reference):
-    shapes = models._flatten(jax.eval_shape(lambda: backbone.init(jax.random.key(0),
+    shapes = weights._flatten(jax.eval_shape(lambda: backbone.init(jax.random.key(0),
                                                                   ONE_IMAGE)))
     mapped = {models.torchvision_key(key): key for key in shapes}
     assert len(mapped) == len(shapes)  # injective
@@ -757,7 +757,7 @@ def test_param_labels_and_ten_times_head_learning_rate(small_model):
 
 
 def _flat(variables):
-    return {k: np.asarray(v) for k, v in models._flatten(variables).items()}
+    return {k: np.asarray(v) for k, v in weights._flatten(variables).items()}
 
 
 @pytest.fixture(scope="module")
@@ -919,6 +919,50 @@ def test_init_variables_reads_init_from(tmp_path, two_inits, small_model):
     with pytest.raises(ValueError, match="does not exist"):
         models.init_variables(model, jax.random.key(9), (1, 12, 12, 1),
                               small_config(init_from=str(tmp_path / "nope.npz")))
+
+
+class _BuggyBackbone(nn.Module):
+    @nn.compact
+    def __call__(self, images, train: bool = False):
+        raise TypeError("a bug in the backbone")
+
+
+def test_init_variables_does_not_swallow_model_errors():
+    model = models.EmbeddingModel(backbone=_BuggyBackbone(), embedding_dim=4)
+    with pytest.raises(TypeError, match="a bug in the backbone"):
+        models.init_variables(model, jax.random.key(0), (1, 4, 4, 1))
+
+
+class _FakeLowered:
+    """Records compile calls; fails the optimisation-level one with `error`."""
+
+    def __init__(self, error):
+        self.error, self.calls = error, []
+
+    def compile(self, compiler_options=None):
+        self.calls.append(compiler_options)
+        if compiler_options:
+            raise self.error
+        return "compiled"
+
+
+def test_init_compile_falls_back_only_when_the_option_is_rejected():
+    rejected = _FakeLowered(jax.errors.JaxRuntimeError(
+        "INVALID_ARGUMENT: No such compile option: 'xla_backend_optimization_level'"))
+    assert models._compile_unoptimised(rejected) == "compiled"
+    assert rejected.calls == [{"xla_backend_optimization_level": 0}, None]
+    for error in (jax.errors.JaxRuntimeError("RESOURCE_EXHAUSTED: out of memory"),
+                  TypeError("unexpected keyword argument"), ValueError("bad program")):
+        failing = _FakeLowered(error)
+        with pytest.raises(type(error), match=str(error)):
+            models._compile_unoptimised(failing)
+        assert len(failing.calls) == 1  # no silent retry
+
+
+def test_weight_file_functions_are_reexported_from_models():
+    for name in ("save_npz", "load_npz", "load_pretrained", "torchvision_key"):
+        assert getattr(models, name) is getattr(weights, name)
+        assert name in models.__all__
 
 
 # ----------------------------------------------------------------------------------------------

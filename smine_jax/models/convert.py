@@ -8,7 +8,7 @@ or, in Python::
 
     state = read_state_dict("googlenet.safetensors")          # {torchvision key: array}
     variables, report = convert_state_dict("googlenet", state)
-    models.save_npz(variables, "googlenet_imagenet.npz")
+    weights.save_npz(variables, "googlenet_imagenet.npz")
 
 **Input.** A torchvision state dict (``model.state_dict()``) as ``.safetensors`` (read with the
 ``safetensors`` package's numpy API: no torch needed) or ``.pth`` / ``.pt`` (``torch.load`` with
@@ -17,7 +17,7 @@ or, in Python::
 ``DataParallel`` / ``DistributedDataParallel`` model is stripped.
 
 **Mapping.** The model's own leaves define it: every leaf of the backbone (``GoogLeNet`` /
-``ResNet50`` without classifier) is looked up under ``smine_jax.models.torchvision_key`` (the one
+``ResNet50`` without classifier) is looked up under ``weights.torchvision_key`` (the one
 mapping of the package), conv kernels go from [out, in, kh, kw] to [kh, kw, in, out], dense
 kernels from [out, in] to [in, out], batch-norm ``weight`` / ``bias`` become params
 ``scale`` / ``bias`` and ``running_mean`` / ``running_var`` batch_stats ``mean`` / ``var``;
@@ -30,7 +30,7 @@ refuses any of these three with one ValueError that names them all.
 
 **Output.** ``{"params": ..., "batch_stats": ...}`` relative to the backbone (with ``fc`` when
 ``keep_classifier``, e.g. to compare logits with torchvision), float32 numpy arrays, written by
-``models.save_npz``; ``config.model.init_from`` loads it through ``models.load_pretrained``.
+``weights.save_npz``; ``config.model.init_from`` loads it through ``weights.load_pretrained``.
 
 **Preprocessing** is part of the model: ``model_spec(arch)`` sets the data pipeline to RGB,
 resize 256, crop 224 and ImageNet mean/std, which is torchvision's ``ToTensor`` + ``Normalize``.
@@ -55,7 +55,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
-from smine_jax import models
+from smine_jax.models import weights
 from smine_jax.models.googlenet import GoogLeNet
 from smine_jax.models.resnet import ResNet50
 
@@ -220,7 +220,7 @@ def _model_leaves(arch: str, num_classes: int | None) -> dict[str, tuple[int, ..
     backbone = {"googlenet": GoogLeNet, "resnet50": ResNet50}[arch](num_classes=num_classes)
     images = jax.ShapeDtypeStruct((1, 64, 64, 3), jnp.float32)
     shapes = jax.eval_shape(lambda x: backbone.init(jax.random.key(0), x), images)
-    return {key: tuple(leaf.shape) for key, leaf in models._flatten(shapes).items()}
+    return {key: tuple(leaf.shape) for key, leaf in weights._flatten(shapes).items()}
 
 
 def _torch_axes(ndim: int) -> tuple[int, ...]:
@@ -266,7 +266,7 @@ def convert_state_dict(arch: str, state_dict: Mapping, *, strict: bool = True,
 
     Returns:
       variables: ``{"params": ..., "batch_stats": ...}`` of float32 numpy arrays, paths
-        relative to the backbone (the format of ``models.save_npz`` / ``load_pretrained``).
+        relative to the backbone (the format of ``weights.save_npz`` / ``load_pretrained``).
       report: a ConversionReport.
     """
     arch = _check_arch(arch)
@@ -274,7 +274,7 @@ def convert_state_dict(arch: str, state_dict: Mapping, *, strict: bool = True,
         raise ValueError(f"state_dict: expected a mapping of torchvision keys to arrays, got "
                          f"{type(state_dict).__name__}")
     leaves = _model_leaves(arch, _classifier_size(arch, state_dict, keep_classifier))
-    flax_key_of = {models.torchvision_key(key): key for key in leaves}
+    flax_key_of = {weights.torchvision_key(key): key for key in leaves}
     if len(flax_key_of) != len(leaves):  # a broken mapping, never a user error
         raise AssertionError(f"torchvision_key is not one-to-one on {arch}'s leaves")
     dropped_prefixes = tuple(prefix for prefix in _CLASSIFIER_PREFIXES[arch]
@@ -310,7 +310,7 @@ def convert_state_dict(arch: str, state_dict: Mapping, *, strict: bool = True,
         raise ValueError(f"state_dict: does not match torchvision's {arch}{hint}: "
                          + "; ".join(report.problems))
     variables = {}
-    for collection in models.COLLECTIONS:
+    for collection in weights.COLLECTIONS:
         prefix = f"{collection}/"
         tree = {key[len(prefix):]: value for key, value in flat.items()
                 if key.startswith(prefix)}
@@ -387,7 +387,7 @@ def main(argv=None) -> int:
         return fail(f"--src: nothing in {args.src!r} converts to {args.arch}")
     try:
         _check_destination(args.src, args.dst)
-        models.save_npz(variables, args.dst)
+        weights.save_npz(variables, args.dst)
     except (OSError, ValueError) as error:
         return fail(_flag_message("--dst", error))
     print(report.summary())
