@@ -4,8 +4,8 @@
   to resume a run whose saved config differs outside the resumable fields.
 - `MetricsLog` appends one JSON record per epoch to metrics.jsonl (and trims the records a
   resumed run will rewrite).
-- `create_metric_writer`: clu's default writer where clu imports (it needs TensorFlow), else
-  `EventFileWriter`, which writes the same TensorBoard event files without TensorFlow.
+- `create_metric_writer`: TensorBoard event files in workdir/tensorboard, written with
+  tensorboardX (no TensorFlow), and the log.
 Only process 0 writes files.
 """
 
@@ -16,11 +16,9 @@ import json
 import logging
 import os
 import platform
-import socket
 import subprocess
 import time
 from pathlib import Path
-from struct import pack
 
 import jax
 
@@ -34,7 +32,7 @@ def _package_versions() -> dict[str, str]:
 
     versions = {"python": platform.python_version()}
     for package in ("smine_jax", "jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "numpy",
-                    "ml_collections", "clu", "tensorflow-datasets", "scann"):
+                    "ml_collections", "tensorboardX", "tensorflow-datasets", "scann"):
         try:
             versions[package] = metadata.version(package)
         except metadata.PackageNotFoundError:
@@ -121,116 +119,80 @@ def prepare_workdir(workdir: Path, config, *, resuming: bool,
             path, json.dumps(record, indent=2, sort_keys=True, default=str) + "\n")
 
 
-def _crc32c_table() -> list[int]:
-    table = []
-    for byte in range(256):
-        crc = byte
-        for _ in range(8):
-            crc = (crc >> 1) ^ (0x82F63B78 if crc & 1 else 0)
-        table.append(crc)
-    return table
+class TensorBoardWriter:
+    """Scalars and hparams as TensorBoard event files in `logdir`, through tensorboardX (no
+    TensorFlow); scalars and hparams also go to the log, as clu's default writer does.
 
-
-_CRC32C_TABLE = _crc32c_table()
-
-
-def crc32c(payload: bytes) -> int:
-    """CRC-32C (Castagnoli), the checksum of TFRecord framing."""
-    crc = 0xFFFFFFFF
-    for byte in payload:
-        crc = _CRC32C_TABLE[(crc ^ byte) & 0xFF] ^ (crc >> 8)
-    return crc ^ 0xFFFFFFFF
-
-
-def _masked_crc(payload: bytes) -> int:
-    crc = crc32c(payload)
-    return (((crc >> 15) | (crc << 17)) + 0xA282EAD8) & 0xFFFFFFFF
-
-
-def _varint(value: int) -> bytes:
-    out = bytearray()
-    while True:
-        byte, value = value & 0x7F, value >> 7
-        out.append(byte | (0x80 if value else 0))
-        if not value:
-            return bytes(out)
-
-
-def _field(number: int, payload: bytes) -> bytes:
-    """A length-delimited protobuf field."""
-    return _varint(number << 3 | 2) + _varint(len(payload)) + payload
-
-
-def _event(wall_time: float, *, step: int | None = None, file_version: str | None = None,
-           scalars: dict | None = None) -> bytes:
-    """A tensorflow.Event proto: wall_time (1, double), step (2), file_version (3), summary (5)
-    of Summary.Value {tag (1), simple_value (2, float)} entries."""
-    proto = b"\x09" + pack("<d", wall_time)
-    if step is not None:
-        proto += b"\x10" + _varint(step)
-    if file_version is not None:
-        proto += _field(3, file_version.encode())
-    if scalars:
-        summary = b"".join(
-            _field(1, _field(1, tag.encode()) + b"\x15" + pack("<f", float(value)))
-            for tag, value in scalars.items())
-        proto += _field(5, summary)
-    return proto
-
-
-class EventFileWriter:
-    """TensorBoard scalars without TensorFlow: Event protos (hand-encoded) in TFRecord framing
-    (length, masked CRC-32C of the length, data, masked CRC-32C of the data), the file layout
-    TensorBoard reads. Used when clu's writer cannot import TensorFlow. Scalars also go to the
-    log, as clu's default writer does."""
+    Each writer starts a new event file. The first scalars it writes, at step s, follow a
+    restart marker at s, so TensorBoard hides the steps >= s of earlier files: the epochs a
+    resumed run repeats show once, the earlier ones stay.
+    """
 
     def __init__(self, logdir: Path):
-        logdir.mkdir(parents=True, exist_ok=True)
-        self.path = logdir / (f"events.out.tfevents.{int(time.time())}."
-                              f"{socket.gethostname()}.{os.getpid()}.smine_jax")
-        self._file = open(self.path, "ab")  # noqa: SIM115 - closed by close()
-        self._write(_event(time.time(), file_version="brain.Event:2"))
+        from tensorboardX import SummaryWriter
 
-    def _write(self, data: bytes) -> None:
-        header = pack("<Q", len(data))
-        self._file.write(header + pack("<I", _masked_crc(header)) + data
-                         + pack("<I", _masked_crc(data)))
+        # The name's nanosecond time keeps two writers of one second apart and in order;
+        # tensorboardX writes from a thread, which flushes the file every `flush_secs`.
+        self._writer = SummaryWriter(os.fspath(logdir), flush_secs=5,
+                                     filename_suffix=f".{time.time_ns()}.{os.getpid()}")
+        self._started = False
 
     def write_scalars(self, step: int, scalars: dict) -> None:
-        self._write(_event(time.time(), step=int(step), scalars=scalars))
-        values = ", ".join(f"{name}={value:.6g}" for name, value in sorted(scalars.items()))
-        logger.info("[%d] %s", step, values)
+        """One event of simple values under the metric names as tags (`add_scalar` would
+        rewrite tags such as test.recall@1)."""
+        from tensorboardX.proto.event_pb2 import Event, SessionLog
+        from tensorboardX.proto.summary_pb2 import Summary
+
+        if not self._started:
+            self._writer.file_writer.add_event(
+                Event(step=int(step), session_log=SessionLog(status=SessionLog.START)))
+            self._started = True
+        self._writer.file_writer.add_summary(Summary(value=[
+            Summary.Value(tag=tag, simple_value=float(value)) for tag, value in scalars.items()
+        ]), int(step))
+        _log_scalars(step, scalars)
 
     def write_hparams(self, hparams: dict) -> None:
+        """The HParams dashboard's session-start summary (what clu writes); its metrics are
+        inferred from the scalars."""
+        from tensorboardX.summary import hparams as hparams_summaries
+
+        _, session_start, _ = hparams_summaries(hparams, {})
+        self._writer.file_writer.add_summary(session_start)
         logger.info("hparams: %s", hparams)
 
     def flush(self) -> None:
-        self._file.flush()
+        """Flushes what the writer thread has written; events it has not taken yet follow
+        within `flush_secs` (close() writes them all)."""
+        self._writer.flush()
 
     def close(self) -> None:
-        self._file.close()
+        """Writes what the thread still holds and closes the file."""
+        self._writer.close()
+
+
+def _log_scalars(step: int, scalars: dict) -> None:
+    values = ", ".join(f"{name}={value:.6g}" for name, value in sorted(scalars.items()))
+    logger.info("[%d] %s", step, values)
 
 
 def create_metric_writer(workdir: Path):
-    """clu `metric_writers.create_default_writer` (TensorBoard summaries in
-    workdir/tensorboard + the log) when clu imports, which needs TensorFlow; otherwise
-    `EventFileWriter` (same files, no TensorFlow). Only process 0 writes summaries."""
-    logdir = workdir / "tensorboard"
-    try:
-        from clu import metric_writers
-    except ImportError:
-        if jax.process_index() == 0:
-            return EventFileWriter(logdir)
-        return _LoggingWriter()
-    return metric_writers.create_default_writer(os.fspath(logdir),
-                                                just_logging=jax.process_index() > 0)
+    """`TensorBoardWriter` on workdir/tensorboard for process 0 (processes share the workdir);
+    the log only for other processes, or when tensorboardX is not installed."""
+    if jax.process_index() == 0:
+        try:
+            return TensorBoardWriter(workdir / "tensorboard")
+        except ImportError as error:
+            logger.warning("no TensorBoard summaries (%s); metrics go to the log and "
+                           "metrics.jsonl", error)
+    return _LoggingWriter()
 
 
 class _LoggingWriter:
-    """Scalars to the log only (processes other than 0 when clu is unavailable)."""
+    """Scalars to the log only."""
 
     def write_scalars(self, step: int, scalars: dict) -> None:
-        logger.info("[%d] %s", step, scalars)
+        _log_scalars(step, scalars)
 
     def write_hparams(self, hparams: dict) -> None:
         pass
