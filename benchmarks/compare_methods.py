@@ -50,7 +50,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "benchmarks"))  # pml_peer
 
-from experiments.configs import common, omniglot  # noqa: E402
+from smine_jax.configs import common, omniglot  # noqa: E402
 
 CONFIG = "experiments/configs/omniglot.py"
 DEFAULT_DATA = REPO.parent / "shared" / "data" / "omniglot"

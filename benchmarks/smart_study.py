@@ -240,7 +240,7 @@ def study_markdown(settings: Sequence[Setting], runs: Mapping[str, list], *, epo
                      + (", ".join(f"`{k}={_flag_value(v)}`" for k, v in
                                   winner.overrides.items()) or "no override")
                      + ". These values are the new defaults of `ControllerConfig` and "
-                       "`experiments/configs/common.py` (variant `smart`).")
+                       "`smine_jax/configs/common.py` (variant `smart`).")
         tied = [s.name for s in settings if s.name not in (*REFERENCES, winner.name)
                 and scores[s.name] == scores[winner.name]]
         if tied:

@@ -43,7 +43,7 @@ sys.path.insert(0, str(REPO / "benchmarks"))
 import compare_methods as cm  # noqa: E402
 import smart_study as study  # noqa: E402
 
-from experiments.configs import omniglot  # noqa: E402
+from smine_jax.configs import omniglot  # noqa: E402
 
 DEFAULT_RUNS = REPO / "benchmarks" / "runs" / "tuning"
 DEFAULT_REPORT = REPO / "benchmarks" / "TUNING.md"

@@ -1,7 +1,7 @@
 # %% [markdown]
 # # smine_jax quickstart: Smart Mining on Omniglot
 #
-# Trains the Omniglot configuration (`experiments/configs/omniglot.py`, a 4 × 64 conv net at 28²)
+# Trains the Omniglot configuration (`smine_jax.configs.omniglot`, a 4 × 64 conv net at 28²)
 # with **Smart Mining** (Harwood et al., ICCV 2017): every epoch embeds the training set, builds
 # nearest-neighbour lists, mines triplets whose negatives lie beyond κ times the nearest positive
 # (Algorithm 1, Eq. 6), trains with the ratio triplet + global loss (Eqs. 2-3), and lets the
@@ -136,7 +136,7 @@ TSNE_CLASSES = 20  # test classes shown in the t-SNE
 import tempfile
 from pathlib import Path
 
-from experiments.configs import omniglot
+from smine_jax.configs import omniglot
 
 config = omniglot.get_config("smoke" if SMALL else None)  # variant "smart" (the default)
 config.seed = SEED

@@ -135,8 +135,8 @@ KAPPAS = (1.0, 1.5, 2.0, 3.0, 4.0, 6.0, 8.0, 16.0)  # the κ sweep at the end
 # %%
 import numpy as np
 
-from experiments.configs import omniglot
 from smine_jax import data
+from smine_jax.configs import omniglot
 
 config_data = omniglot.get_config().data
 config_data.update(name=DATASET, dir=DATA_DIR, strict_counts=DATASET == "omniglot" and not SMALL)

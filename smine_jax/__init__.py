@@ -15,6 +15,7 @@ Modules (pure functions first, I/O at the edges):
   validation    argument checks with errors that name the argument
   fileio        atomic file writes (temporary name, fsync, rename)
   hostmem       glibc malloc tuning for XLA on CPU
+  configs       the experiment configs (ml_collections): omniglot, cub, cars196, common
 """
 
 __version__ = "0.1.0"

@@ -22,7 +22,7 @@ One epoch of Smart Mining (method.md §2–3; Harwood et al. 2017, Algorithm 1 a
       -> metrics.jsonl, metric writers, checkpoint.
 
 The baselines of the paper's comparison table are variants of the same loop (config fields, see
-experiments/configs/common.py): in-batch miners (semi-hard, batch-hard, distance-weighted) and
+smine_jax/configs/common.py): in-batch miners (semi-hard, batch-hard, distance-weighted) and
 the lifted-structure and N-pairs losses train on m-per-class image batches and skip the
 embed / index / mine stages (their time split records 0).
 

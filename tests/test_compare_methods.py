@@ -473,8 +473,8 @@ def test_peer_net_has_the_flax_models_parameters():
     import jax
     import jax.numpy as jnp
 
-    from experiments.configs import omniglot
     from smine_jax import models
+    from smine_jax.configs import omniglot
 
     config = omniglot.get_config()
     model = models.build_model(config.model)

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 from test_train import make_omniglot_folder
 
-from experiments.configs import cars196, common, cub, omniglot
+from smine_jax.configs import cars196, common, cub, omniglot
 
 REPO = Path(__file__).resolve().parents[1]
 

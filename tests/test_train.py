@@ -19,8 +19,8 @@ import pytest
 from flax import struct
 from PIL import Image
 
-from experiments.configs import common, omniglot
 from smine_jax import logs, models, train
+from smine_jax.configs import common, omniglot
 
 REPO = Path(__file__).resolve().parents[1]
 EVAL_KEYS = {"recall@1", "recall@2", "recall@4", "recall@8", "nmi", "map@r", "r_precision"}
@@ -411,7 +411,7 @@ def test_best_checkpoint_survives_interruptions(tmp_path):
 @pytest.mark.slow
 def test_end_to_end_under_tfds_mock_data(tmp_path):
     tfds = pytest.importorskip("tensorflow_datasets")
-    from experiments.configs import cub
+    from smine_jax.configs import cub
 
     config = cub.get_config("smoke")
     config.data.update(source="tfds", cache_dir=str(tmp_path / "cache"), image_size=20,
@@ -534,8 +534,8 @@ _PARALLEL_SCRIPT = textwrap.dedent("""
     import json, sys
     import jax, jax.numpy as jnp, numpy as np
     from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
-    from experiments.configs import omniglot
     from smine_jax import data, models, train
+    from smine_jax.configs import omniglot
 
     assert jax.device_count() == 4, jax.devices()
     out = {}

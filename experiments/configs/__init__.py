@@ -1,1 +1,2 @@
-"""ml_collections experiment configs: get_config(arg) per dataset, shared defaults in common."""
+"""Config files for `--config=` (loaded by path): each delegates `get_config` to
+`smine_jax.configs.<dataset>`, where the configs live so that they install with the package."""
