@@ -93,7 +93,7 @@ def run(args) -> dict:
 
     from smine_jax import data, models, train
 
-    module = importlib.import_module(f"experiments.configs.{args.config}")
+    module = importlib.import_module(f"smine_jax.configs.{args.config}")
     config = module.get_config(args.variant or None)
     if args.batch_size:
         config.train.batch_size = args.batch_size
@@ -138,6 +138,7 @@ def run(args) -> dict:
 
     step_s, step_cpu_s = _timed(train_call, args.steps, jax.block_until_ready)
     loss = float(jax.device_get(values)["loss"])
+    steps_taken = int(jax.device_get(state.step))  # compile + warmup + timed: all really ran
 
     embed = jax.jit(train.make_embed_fn(model, center), out_shardings=batch_sharding)
     embed_batch = int(config.train.embed_batch_size)
@@ -152,8 +153,9 @@ def run(args) -> dict:
         config=f"{args.config}{':' + args.variant if args.variant else ''}",
         model=str(config.model.name), dtype=str(config.model.dtype),
         input=f"{size}² cache -> {crop}² x {channels}", rows_per_step=rows,
-        images_per_step=images_per_step, compile_s=compile_s, step_ms=1e3 * step_s,
-        step_cpu_ms=1e3 * step_cpu_s, train_images_per_s=images_per_step / step_s,
+        images_per_step=images_per_step, steps_taken=steps_taken, compile_s=compile_s,
+        step_ms=1e3 * step_s, step_cpu_ms=1e3 * step_cpu_s,
+        train_images_per_s=images_per_step / step_s,
         embed_images_per_s=embed_batch / embed_s, peak_memory=memory_kind, peak_gib=peak_gib,
         loss_finite=bool(np.isfinite(loss)), devices=[str(d) for d in jax.devices()],
         backend=jax.default_backend(),

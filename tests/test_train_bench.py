@@ -28,8 +28,14 @@ def test_reports_train_and_embedding_throughput(train_bench, tmp_path, capsys, v
     assert train_bench.main(argv) == 0
     summary = json.loads(out.read_text())
     assert summary["images_per_step"] == images_per_step and summary["loss_finite"]
-    for name in ("step_ms", "train_images_per_s", "embed_images_per_s", "peak_gib"):
+    assert summary["steps_taken"] == 1 + 0 + 2  # the compiling step, no warmup, 2 timed steps
+    for name in ("step_ms", "step_cpu_ms", "embed_images_per_s", "peak_gib"):
         assert summary[name] > 0
+    # images/s is the step's images over its measured time, not a separate clock
+    assert summary["train_images_per_s"] == pytest.approx(
+        images_per_step / (summary["step_ms"] / 1e3), rel=1e-9)
+    # the peak holds at least one step's uint8 input batch
+    assert summary["peak_gib"] * 2**30 >= images_per_step * 28 * 28
     assert "train step" in capsys.readouterr().out
 
 
