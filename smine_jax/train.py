@@ -69,26 +69,24 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from smine_jax import (
-    batch_miners,
     controller,
     data,
     fileio,
     index,
     logs,
-    losses,
     metrics,
     mining,
     models,
+    objectives,
 )
 
 logger = logging.getLogger(__name__)
 
-MINING_KINDS = ("smart", "semihard", "batch_hard", "distance_weighted", "all", "none")
-IN_BATCH_MINERS = ("semihard", "batch_hard", "distance_weighted", "all")
+# The in-batch miners and the pair losses are the tables of `objectives` (an entry there is
+# accepted here too: `check_config` reads them when it runs).
 # How the image batches of the in-batch kinds are built: m-per-class at random, or from the
 # epoch's neighbour index (`mining.index_batches`: seeds and their smart negatives' classes).
 BATCH_SOURCES = ("random", "index")
-LOSS_KINDS = ("triplet", "lifted", "npairs")
 TRIPLET_LOSSES = ("ratio", "margin")
 
 # Config fields that may change between a run and its resumption (they change nothing that is
@@ -240,83 +238,9 @@ def _key(rng, *path: int) -> jax.Array:
 
 
 # ----------------------------------------------------------------------------------------------
-# Objectives and the jitted steps.
+# The jitted steps (the objective of each variant: `objectives.make_objective`).
 
-
-def _loss_settings(config) -> dict:
-    return dict(margin=float(config.loss.margin), global_margin=float(config.loss.global_margin),
-                global_weight=float(config.loss.global_weight),
-                use_global=bool(config.loss.use_global),
-                triplet_loss=str(config.loss.triplet_loss))
-
-
-def make_objective(config) -> Callable:
-    """objective(key, embeddings f32[R, D], labels i32[B], mask bool[B], mined bool[B],
-    kappa f32[] = 0) -> (loss, aux).
-
-    Triplet batches (mining.kind "smart"): R = 3B rows (a_i, p_i, n_i), the ratio triplet +
-    global loss of method.md §1 (`losses.triplet_objective`). Image batches (every other kind):
-    R = B m-per-class images;
-      - "semihard" / "batch_hard" / "distance_weighted": the in-batch miner's triplets with the
-        loss of `config.loss` (the variants set the FaceNet margin loss: the semi-hard baseline of
-        the paper is FaceNet's; batch-hard (Hermans et al.) and distance-weighted sampling
-        (Wu et al.) are margin-based too and share it so that only the miner differs);
-      - "all": every valid in-batch triplet (`batch_miners.all_triplets`, P = m − 1 positives
-        per anchor) with the loss of `config.loss` (the ratio + global loss of Smart Mining);
-      - with `mining.inbatch_kappa`, the in-batch miners skip the negatives inside Smart
-        Mining's boundary κ · d²(a, nearest positive in the batch), κ = `kappa` (0: none);
-      - loss "lifted": lifted structured loss over the batch; "npairs": N-pair loss over the
-        (2i, 2i+1) pairs. Their training error (logged only) is that of the batch-hard triplets.
-    `aux["training_error"]` is the fraction of valid triplets with J_t > 0 (method.md §1); triplet
-    batches also count the mined triplets (`mined`) and those of them with J_t > 0
-    (`aux["num_mined"]`, `aux["mined_violations"]`; 0 for image batches).
-    """
-    kind, loss_kind = str(config.mining.kind), str(config.loss.kind)
-    settings = _loss_settings(config)
-    use_kappa = bool(config.mining.inbatch_kappa)
-
-    def triplet_loss(embeddings, triplets: batch_miners.BatchTriplets, **overrides):
-        return losses.triplet_objective(
-            embeddings[triplets.anchor], embeddings[triplets.positive],
-            embeddings[triplets.negative], mask=triplets.valid, **{**settings, **overrides})
-
-    def objective(key, embeddings, labels, mask, mined, kappa=0.0):
-        boundary = kappa if use_kappa else None
-        if kind == "smart":
-            triplets = embeddings.reshape(-1, 3, embeddings.shape[-1])
-            return losses.triplet_objective(triplets[:, 0], triplets[:, 1], triplets[:, 2],
-                                            mask=mask, mined=mined, **settings)
-        if kind == "semihard":
-            return triplet_loss(embeddings, batch_miners.semihard_triplets(
-                embeddings, labels, margin=settings["margin"], mask=mask,
-                fallback=str(config.mining.semihard_fallback), kappa=boundary))
-        if kind == "batch_hard":
-            return triplet_loss(embeddings, batch_miners.batch_hard_triplets(
-                embeddings, labels, mask=mask, kappa=boundary))
-        if kind == "distance_weighted":
-            return triplet_loss(embeddings, batch_miners.distance_weighted_triplets(
-                key, embeddings, labels, cutoff=float(config.mining.distance_cutoff),
-                nonzero_loss_cutoff=float(config.mining.nonzero_loss_cutoff), mask=mask,
-                kappa=boundary))
-        if kind == "all":
-            triplets = batch_miners.all_triplets(
-                embeddings, labels, mask=mask, kappa=boundary,
-                positives_per_anchor=int(config.train.samples_per_class) - 1)
-            return losses.indexed_triplet_objective(embeddings, *triplets, mask=mask, **settings)
-        _, aux = triplet_loss(jax.lax.stop_gradient(embeddings),
-                              batch_miners.batch_hard_triplets(embeddings, labels, mask=mask),
-                              use_global=False)
-        if loss_kind == "lifted":
-            loss = losses.lifted_structure_loss(embeddings, labels,
-                                                margin=float(config.loss.lifted_margin), mask=mask)
-        else:
-            pairs = embeddings.reshape(-1, 2, embeddings.shape[-1])
-            loss = losses.npairs_loss(pairs[:, 0], pairs[:, 1],
-                                      l2_reg=float(config.loss.npairs_l2_reg),
-                                      labels=labels[::2], mask=mask[::2])
-        return loss, {**aux, "loss": loss}
-
-    return objective
+make_objective = objectives.make_objective
 
 
 def make_train_step(model, objective: Callable, augment: Callable) -> Callable:
@@ -407,10 +331,13 @@ def check_config(config) -> None:
                     "subset"):
         if section not in config:
             raise ValueError(f"config.{section}: missing section")
-    if str(config.mining.kind) not in MINING_KINDS:
-        _fail("mining.kind", f"one of {MINING_KINDS}", config.mining.kind)
-    if str(config.loss.kind) not in LOSS_KINDS:
-        _fail("loss.kind", f"one of {LOSS_KINDS}", config.loss.kind)
+    in_batch_miners = tuple(objectives.IN_BATCH_MINERS)
+    mining_kinds = ("smart", *in_batch_miners, "none")
+    loss_kinds = ("triplet", *objectives.PAIR_LOSSES)
+    if str(config.mining.kind) not in mining_kinds:
+        _fail("mining.kind", f"one of {mining_kinds}", config.mining.kind)
+    if str(config.loss.kind) not in loss_kinds:
+        _fail("loss.kind", f"one of {loss_kinds}", config.loss.kind)
     if str(config.loss.triplet_loss) not in TRIPLET_LOSSES:
         _fail("loss.triplet_loss", f"one of {TRIPLET_LOSSES}", config.loss.triplet_loss)
     if (config.loss.kind == "triplet") == (config.mining.kind == "none"):
@@ -433,8 +360,8 @@ def check_config(config) -> None:
     if config.mining.batches == "index" and config.mining.kind == "smart":
         _fail("mining.batches", "'random' for mining.kind='smart' (triplet batches; 'index' "
               "builds the image batches of the in-batch kinds)", config.mining.batches)
-    if config.mining.inbatch_kappa and config.mining.kind not in IN_BATCH_MINERS:
-        _fail("mining.inbatch_kappa", f"False unless mining.kind is one of {IN_BATCH_MINERS} "
+    if config.mining.inbatch_kappa and config.mining.kind not in in_batch_miners:
+        _fail("mining.inbatch_kappa", f"False unless mining.kind is one of {in_batch_miners} "
               "(the boundary skips in-batch negatives)", config.mining.inbatch_kappa)
     if (config.mining.inbatch_kappa and config.mining.batches == "random"
             and config.controller.kappa_init == controller.AUTO):
