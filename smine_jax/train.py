@@ -64,7 +64,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from flax import struct
+from flax import serialization, struct
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
@@ -556,9 +556,11 @@ def _sync(name: str) -> None:
 
 @dataclasses.dataclass
 class _EpochPlan:
-    """One epoch's batches for this process (its slice of every global batch): ids [steps,
-    rows(, 3)], mask, and which triplets were mined ([steps, rows]; all False for image
-    batches)."""
+    """One epoch's global batches (the same on every process): ids [steps, rows(, 3)], mask,
+    and which triplets were mined ([steps, rows]; all False for image batches). Each process
+    feeds its slice of every batch (`_Trainer.local_plan`). A mid-epoch checkpoint saves it
+    (`_Checkpoints.save`), so a resumed epoch goes on with the same batches without embedding,
+    indexing and mining again."""
 
     ids: np.ndarray
     mask: np.ndarray
@@ -824,9 +826,8 @@ class _Trainer:
         mined_flags = np.concatenate([mined_flags, np.zeros(num_rows - len(rows), bool)])
         record["seconds"] = seconds
         shape = (self.steps_per_epoch, batch_size)
-        return _EpochPlan(*(self._local_part(x) for x in (
-            ids.reshape(*shape, 3), mask.reshape(shape), mined_flags.reshape(shape))),
-            record, jax.device_get(ctrl))
+        return _EpochPlan(ids.reshape(*shape, 3), mask.reshape(shape),
+                          mined_flags.reshape(shape), record, jax.device_get(ctrl))
 
     def _image_plan(self, state: TrainState, epoch: int) -> _EpochPlan:
         """m-per-class image batches: at random, or (`mining.batches="index"`, mining epochs)
@@ -864,8 +865,7 @@ class _Trainer:
         record["seconds"] = seconds
         kappa = float(ctrl.kappa) if (config.mining.inbatch_kappa
                                       and bool(ctrl.mining)) else 0.0
-        ids, mask = self._local_part(np.asarray(ids, np.int32)), self._local_part(
-            np.asarray(mask, bool))
+        ids, mask = np.asarray(ids, np.int32), np.asarray(mask, bool)
         return _EpochPlan(ids, mask, np.zeros(ids.shape, bool), record, jax.device_get(ctrl),
                           kappa=kappa if np.isfinite(kappa) else 0.0)
 
@@ -874,6 +874,11 @@ class _Trainer:
         if self.kind == "smart":
             return self._triplet_plan(state, epoch)
         return self._image_plan(state, epoch)
+
+    def local_plan(self, plan: _EpochPlan) -> _EpochPlan:
+        """`plan` with this process's slice of every batch."""
+        return dataclasses.replace(plan, **{name: self._local_part(getattr(plan, name))
+                                            for name in ("ids", "mask", "mined")})
 
     def _save_triplets(self, epoch: int, rows: np.ndarray, mined: np.ndarray) -> None:
         """workdir/triplets/epoch_EEEE.npz: the epoch's triplets (train-split ids, columns
@@ -918,15 +923,17 @@ class _Trainer:
 
 
 class _Checkpoints:
-    """orbax CheckpointManager in workdir/checkpoints; items "state" and "meta" (JSON).
+    """orbax CheckpointManager in workdir/checkpoints; items "state", "meta" (JSON) and, in a
+    mid-epoch checkpoint, "plan" (the epoch's global batches and controller, `_EpochPlan`).
 
     meta: {"epoch": epoch of the checkpoint, "position": steps done in that epoch (None at an
     epoch boundary), "epoch_start_step": checkpoint step of the epoch's start (None: the
     initial state), "batch_losses", "batch_errors", "batch_mined", "batch_mined_violations":
     per-step values so far (mid-epoch only, `_STEP_METRICS`), "train_seconds": seconds spent
     training those steps (so a resumed epoch reports its whole train time; absent when this
-    process did not time them all, see _EpochTrainTime), "best_val": the best epoch by
-    validation R@1 so far (`_BestByValidation`)}.
+    process did not time them all, see _EpochTrainTime), "plan": the plan's record and
+    in-batch κ (mid-epoch only), "best_val": the best epoch by validation R@1 so far
+    (`_BestByValidation`)}.
     """
 
     def __init__(self, directory: Path, keep: int):
@@ -947,9 +954,8 @@ class _Checkpoints:
         return self.manager.latest_step()
 
     def restore_newest(self, initial_state: TrainState):
-        """(step, state, meta, state at the start of its epoch) of the newest checkpoint that
-        restores, with the checkpoint of its epoch's start for a mid-epoch one (the initial
-        state before the first checkpoint).
+        """(step, state, meta, plan) of the newest checkpoint that restores; plan: the epoch's
+        `_EpochPlan` of a mid-epoch checkpoint, None at an epoch boundary.
 
         A damaged checkpoint (truncated or missing file, invalid JSON) is skipped with a
         warning naming it and moved to `<dir>_damaged/<step>` (kept, out of the way of the
@@ -958,12 +964,7 @@ class _Checkpoints:
         damaged: list[tuple[int, str]] = []
         for step in sorted(self.manager.all_steps(), reverse=True):
             try:
-                state, meta = self.restore(step, _abstract(initial_state))
-                start = state
-                if meta.get("position") is not None:
-                    start_step = meta.get("epoch_start_step")
-                    start = (initial_state if start_step is None else
-                             self.restore(start_step, _abstract(initial_state))[0])
+                state, meta, plan = self.restore(step, initial_state)
             except Exception as error:  # any failure to read it: try an older checkpoint
                 reason = f"{type(error).__name__}: {_first_line(error)}"
                 logger.warning("checkpoint %s does not restore (%s); trying an older one",
@@ -975,7 +976,7 @@ class _Checkpoints:
                 logger.warning("resuming from step %d instead of the damaged step(s) %s, moved "
                                "to %s", step, [s for s, _ in damaged],
                                self.directory.with_name(self.directory.name + "_damaged"))
-            return step, state, meta, start
+            return step, state, meta, plan
         newest, reason = damaged[0]
         raise CheckpointError(
             f"{self.directory}: no checkpoint restores (the newest, step {newest}: {reason}); "
@@ -992,20 +993,44 @@ class _Checkpoints:
         _sync(f"damaged checkpoints moved {self.directory.name}")
         self.manager.reload()
 
-    def restore(self, step: int, abstract_state: TrainState) -> tuple[TrainState, dict]:
+    def restore(self, step: int, like: TrainState
+                ) -> tuple[TrainState, dict, _EpochPlan | None]:
+        """(state, meta, plan) of `step`, the state placed and typed as `like`; plan: None
+        unless the checkpoint is mid-epoch."""
         ocp = self.ocp
-        restored = self.manager.restore(step, args=ocp.args.Composite(
-            state=ocp.args.StandardRestore(abstract_state), meta=ocp.args.JsonRestore()))
-        return restored.state, dict(restored.meta)
+        meta = dict(self.manager.restore(step, args=ocp.args.Composite(
+            meta=ocp.args.JsonRestore())).meta)
+        items = {"state": ocp.args.StandardRestore(_abstract(like))}
+        if meta.get("position") is not None:
+            items["plan"] = ocp.args.StandardRestore()
+        restored = self.manager.restore(step, args=ocp.args.Composite(**items))
+        plan = None
+        if meta.get("position") is not None:
+            saved = restored.plan
+            template = jax.device_get(like.controller)
+            ctrl = serialization.from_state_dict(template, jax.tree.map(
+                lambda t, v: np.asarray(v, np.asarray(t).dtype),
+                serialization.to_state_dict(template), dict(saved["controller"])))
+            plan = _EpochPlan(np.asarray(saved["ids"], np.int32), np.asarray(saved["mask"], bool),
+                              np.asarray(saved["mined"], bool), dict(meta["plan"]["record"]),
+                              ctrl, kappa=float(meta["plan"]["kappa"]))
+        return restored.state, meta, plan
 
-    def save(self, state: TrainState, meta: dict) -> None:
+    def save(self, state: TrainState, meta: dict, plan: _EpochPlan | None = None) -> None:
+        """Saves `state` with `meta` (and a mid-epoch checkpoint's `plan`) at its step."""
         ocp = self.ocp
         step = int(state.step)
         if step in self.manager.all_steps():
             return
         self._check_space()
+        items = {"state": ocp.args.StandardSave(state)}
+        if plan is not None:
+            items["plan"] = ocp.args.StandardSave({
+                "ids": plan.ids, "mask": plan.mask, "mined": plan.mined,
+                "controller": serialization.to_state_dict(plan.controller)})
+            meta = {**meta, "plan": {"record": plan.record, "kappa": plan.kappa}}
         self.manager.save(step, args=ocp.args.Composite(
-            state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)), force=True)
+            meta=ocp.args.JsonSave(meta), **items), force=True)
 
     def _check_space(self) -> None:
         """Raises ENOSPC before a save that cannot fit: the previous checkpoint's size (plus a
@@ -1261,15 +1286,16 @@ def _train(trainer: _Trainer, checkpoints: _Checkpoints, best: _BestByValidation
     logs.prepare_workdir(workdir, config, resuming=latest is not None,
                          resumable_fields=RESUMABLE_FIELDS, dataset=trainer.dataset_counts(),
                          path_fields=PATH_FIELDS)
-    state = epoch_start_state = trainer.initial_state
+    state = trainer.initial_state
     meta: dict = {}
+    resumed_plan = None
     if latest is not None:
-        latest, state, meta, epoch_start_state = checkpoints.restore_newest(
-            trainer.initial_state)
+        latest, state, meta, resumed_plan = checkpoints.restore_newest(trainer.initial_state)
         logger.info("resuming from %s, step %d (epoch %s, position %s)",
                     workdir / "checkpoints", latest, meta.get("epoch"), meta.get("position"))
-    # A mid-epoch checkpoint: the epoch's plan is rebuilt from the epoch's starting state.
-    mid_epoch_step = latest if meta.get("position") is not None else None
+    # A mid-epoch checkpoint: the epoch goes on with its saved plan.
+    mid_epoch_step = latest if resumed_plan is not None else None
+    epoch_start_step = meta.get("epoch_start_step") if resumed_plan is not None else None
     trainer.log.truncate(int(state.epoch))
     best.resume(state, meta)
     if latest is None:
@@ -1287,14 +1313,16 @@ def _train(trainer: _Trainer, checkpoints: _Checkpoints, best: _BestByValidation
     with _PreemptionGuard() as guard, run_bar:
         for epoch in range(int(state.epoch) + 1, epochs + 1):
             epoch_started = time.perf_counter()
-            epoch_start_step = (int(epoch_start_state.step) if int(epoch_start_state.epoch) > 0
-                                else None)
-            mines = trainer.mines_in_epoch(epoch_start_state)
-            run_bar.set_postfix_str(f"epoch {epoch}: " + (
-                "embedding, neighbours, mining" if mines else "drawing batches"))
-            plan = trainer.plan_epoch(epoch_start_state, epoch)
-            run_bar.set_postfix_str(f"epoch {epoch}: training")
             resuming = mid_epoch_step is not None
+            if resuming:
+                plan = resumed_plan
+            else:
+                epoch_start_step = int(state.step) if int(state.epoch) > 0 else None
+                run_bar.set_postfix_str(f"epoch {epoch}: " + (
+                    "embedding, neighbours, mining" if trainer.mines_in_epoch(state)
+                    else "drawing batches"))
+                plan = trainer.plan_epoch(state, epoch)
+            run_bar.set_postfix_str(f"epoch {epoch}: training")
             start = int(meta["position"]) if resuming else 0
             per_step = {name: list(meta.get(name, [])) if resuming else []
                         for name in _STEP_METRICS.values()}
@@ -1304,8 +1332,8 @@ def _train(trainer: _Trainer, checkpoints: _Checkpoints, best: _BestByValidation
                       desc=f"epoch {epoch}/{epochs}", unit="step", disable=not show_progress,
                       leave=False, position=1) as progress:
                 try:
-                    state, step_metrics, stopped = _run_steps(trainer, state, plan, start,
-                                                              guard, progress)
+                    state, step_metrics, stopped = _run_steps(
+                        trainer, state, trainer.local_plan(plan), start, guard, progress)
                 except _NonFiniteStep as bad:
                     last = checkpoints.latest()
                     raise Diverged(
@@ -1323,7 +1351,7 @@ def _train(trainer: _Trainer, checkpoints: _Checkpoints, best: _BestByValidation
             if stopped:
                 checkpoints.save(state, {
                     "epoch": epoch, "position": position, "epoch_start_step": epoch_start_step,
-                    **per_step, **train_time.checkpoint_meta(), **best.meta()})
+                    **per_step, **train_time.checkpoint_meta(), **best.meta()}, plan)
                 if mid_epoch_step is not None:  # keep one mid-epoch checkpoint at most
                     checkpoints.delete(mid_epoch_step)
                 raise Preempted(f"{guard.name}: saved step {int(state.step)} (epoch {epoch}, "
@@ -1379,7 +1407,6 @@ def _train(trainer: _Trainer, checkpoints: _Checkpoints, best: _BestByValidation
             if mid_epoch_step is not None:
                 checkpoints.delete(mid_epoch_step)  # superseded by the epoch's end
                 mid_epoch_step = None
-            epoch_start_state = state
             if epoch < epochs and guard.requested(int(state.step)):
                 raise Preempted(f"{guard.name}: saved epoch {epoch}; rerun the same command "
                                 "to resume", guard.signum)

@@ -19,7 +19,7 @@ import pytest
 from flax import struct
 from PIL import Image
 
-from smine_jax import logs, models, train
+from smine_jax import controller, logs, models, train
 from smine_jax.configs import common, omniglot
 
 REPO = Path(__file__).resolve().parents[1]
@@ -605,15 +605,34 @@ def test_train_state_round_trips_through_orbax(folder, tmp_path):
     checkpoints = train._Checkpoints(tmp_path / "checkpoints", 3)
     state = state.replace(step=jnp.int32(7), epoch=jnp.int32(2))
     checkpoints.save(state, {"epoch": 2, "position": None})
+    # A mid-epoch checkpoint carries the epoch's plan: batches, record, controller, κ.
+    ctrl = jax.device_get(controller.set_initial_kappa(state.controller, 3.5))
+    rng = np.random.default_rng(0)
+    plan = train._EpochPlan(rng.integers(0, 50, (4, 6, 3)).astype(np.int32),
+                            rng.random((4, 6)) < 0.9, rng.random((4, 6)) < 0.5,
+                            {"kappa": 3.5, "fallbacks": {"pair": 2}, "seconds": {"mine": 0.25}},
+                            ctrl, kappa=1.5)
+    checkpoints.save(state.replace(step=jnp.int32(9)), {"epoch": 3, "position": 2}, plan)
     checkpoints.manager.wait_until_finished()
-    restored, meta = checkpoints.restore(7, jax.tree.map(
-        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), state))
-    checkpoints.close()
-    assert meta == {"epoch": 2, "position": None}
+    restored, meta, no_plan = checkpoints.restore(7, state)
+    assert meta == {"epoch": 2, "position": None} and no_plan is None
     assert isinstance(restored, train.TrainState) and restored.tx is state.tx
     for a, b in zip(jax.tree.leaves(state), jax.tree.leaves(restored), strict=True):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
     assert restored.controller.config == state.controller.config
+    _, meta, restored_plan = checkpoints.restore(9, state)
+    checkpoints.close()
+    assert meta["position"] == 2
+    for name in ("ids", "mask", "mined"):
+        got, expected = getattr(restored_plan, name), getattr(plan, name)
+        np.testing.assert_array_equal(got, expected, err_msg=name)
+        assert got.dtype == expected.dtype
+    assert restored_plan.record == plan.record and restored_plan.kappa == 1.5
+    assert restored_plan.controller.config == ctrl.config
+    for a, b in zip(jax.tree.leaves(ctrl), jax.tree.leaves(restored_plan.controller),
+                    strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+        assert np.asarray(a).dtype == np.asarray(b).dtype
 
 
 def test_epoch_train_time_adds_earlier_processes_and_stores_only_whole_epoch_times():
