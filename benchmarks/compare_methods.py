@@ -1,1065 +1,52 @@
 """The paper's comparison on Omniglot: every variant × seeds, then RESULTS.md + figures.
 
-    python benchmarks/compare_methods.py --peer          # every variant × 3 seeds + PyTorch peer
-    python benchmarks/compare_methods.py --smoke         # smart + semihard, seed 0, tiny subset
-    python benchmarks/compare_methods.py --report-only   # rewrite the report from the runs
+    python -m benchmarks.compare_methods --peer          # every variant × 3 seeds + PyTorch peer
+    python -m benchmarks.compare_methods --smoke         # smart + semihard, seed 0, tiny subset
+    python -m benchmarks.compare_methods --report-only   # rewrite the report from the runs
 
-Each run is a subprocess, from the repository root,
+(from the repository root). Each run is a subprocess, from the repository root,
 
     python -m experiments.omniglot --config=experiments/configs/omniglot.py:VARIANT \
         --workdir=RUNS/VARIANT/seedS --config.seed=S --config.train.epochs=E \
         --config.train.eval_every=1 --config.train.progress=False --config.data.dir=DATA
 
-(`omniglot.py:smoke,VARIANT` with --smoke; `benchmarks/pml_peer.py` with the same flags for the
-peer, workdir RUNS/pml_peer/seedS). The workdirs are the cache: a run whose metrics.jsonl has
-the test metrics of epoch E is skipped, an unfinished one resumes from its checkpoints, so a
-killed comparison (Ctrl-C, SIGTERM: forwarded to the running child, which checkpoints) goes on
-where it stopped when the same command is rerun, in this session or a later one. Runs go seed
-by seed (every variant of seed 0 first), so a partial comparison already covers every variant.
-The test set is evaluated every epoch (`train.eval_every=1`) so that every curve has a point
-per epoch; that evaluation time is reported apart and left out of the wall-clock axis.
+(`omniglot.py:smoke,VARIANT` with --smoke; `python -m benchmarks.pml_peer` with the same flags
+for the peer, workdir RUNS/pml_peer/seedS). The workdirs are the cache (`runs.run_all`): a run
+whose metrics.jsonl has the test metrics of epoch E is skipped, an unfinished one resumes from
+its checkpoints, so a killed comparison (Ctrl-C, SIGTERM: forwarded to the running child, which
+checkpoints) goes on where it stopped when the same command is rerun, in this session or a later
+one. Runs go seed by seed (every variant of seed 0 first), so a partial comparison already
+covers every variant. The test set is evaluated every epoch (`train.eval_every=1`) so that every
+curve has a point per epoch; that evaluation time is reported apart and left out of the
+wall-clock axis.
 
 The report (`--results`, default benchmarks/RESULTS.md; with --smoke RUNS/RESULTS.md) and its
 PNGs (written next to it) cover every run in RUNS, whichever invocation or session trained it
 (a narrower `--variants` / `--seeds` trains less, never reports less), and come from pure
-functions of the runs' metrics.jsonl records
-(`results_markdown`, `plot_recall_curves`, `plot_controller`, `plot_triplet_montage`); runs that
-are missing or unfinished leave "—" cells and are listed. Figures: R@1 vs epoch and vs
-wall-clock seconds (all variants + peer), κ and training error per epoch of smart vs
-smart_manual (the paper's Figs. 3–4), a montage of mined triplets at two epochs (Fig. 10).
+functions of the runs' metrics.jsonl records (`report.results_markdown`, `plots.write_figures`);
+runs that are missing or unfinished leave "—" cells and are listed. Figures: R@1 vs epoch and
+vs wall-clock seconds (all variants + peer), κ and the controller's signal per epoch of smart vs
+smart_v1 (the paper's Figs. 3–4), a montage of mined triplets at two epochs (Fig. 10).
 """
 
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
-import math
-import os
-import platform
-import shlex
-import signal
-import subprocess
 import sys
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 
-import numpy as np
+from smine_jax.configs import omniglot
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-sys.path.insert(0, str(REPO / "benchmarks"))  # pml_peer
+from . import plots, report, runs
+from .runs import PEER, VARIANTS
 
-from smine_jax.configs import common, omniglot  # noqa: E402
-
-CONFIG = "experiments/configs/omniglot.py"
-DEFAULT_DATA = REPO.parent / "shared" / "data" / "omniglot"
-DEFAULT_RUNS = REPO / "benchmarks" / "runs"
-DEFAULT_RESULTS = REPO / "benchmarks" / "RESULTS.md"
-VARIANTS = tuple(common.VARIANTS)  # the paper's rows, in the config's order
+DEFAULT_RUNS = runs.REPO / "benchmarks" / "runs"
+DEFAULT_RESULTS = runs.REPO / "benchmarks" / "RESULTS.md"
 SMOKE_VARIANTS = ("smart", "semihard")
 # The smoke config's 3 epochs: epochs 1-2 are random-only, the third is the first mining epoch.
 SMOKE_EPOCHS = int(omniglot.get_config("smoke").train.epochs)
-PEER = "pml_peer"
-REFERENCE = "random_global"  # the convergence yardstick of the issue
-# Variants that train on index-mined / random triplets (they save triplets, have κ).
-TRIPLET_VARIANTS = tuple(name for name in VARIANTS
-                         if omniglot.get_config(name).mining.kind == "smart")
-METRICS = (("recall@1", "R@1"), ("recall@2", "R@2"), ("recall@4", "R@4"),
-           ("recall@8", "R@8"), ("nmi", "NMI"), ("map@r", "MAP@R"))
-PHASES = ("embed", "index", "mine", "train", "eval")
-FRACTION = 0.95
-# An epoch whose train time covers less than this share of the run's full epoch's images timed
-# only the part after a mid-epoch restart (older train loops): `complete_interrupted_epochs`.
-PARTIAL_EPOCH = 0.99
-# The controller's target training error and dead band (method.md §3; controller.target_error,
-# controller.tolerance): "settled" = the training error stays within target ± tolerance.
-# (Records carry their own `controller_target`; this is the fallback of older records.)
-TARGET_ERROR = float(omniglot.get_config().controller.target_error)
-SETTLE_TOLERANCE = float(omniglot.get_config().controller.tolerance)
-KAPPA_BOUNDS = (float(omniglot.get_config().controller.kappa_min),
-                float(omniglot.get_config().controller.kappa_max))
-# The frozen report of the first version's runs (all 964 training classes, no validation split).
-RESULTS_V1 = REPO / "benchmarks" / "RESULTS_v1.md"
-# The validation study's targets: smart beats random_global by this many R@1 points; reaches
-# FRACTION of its best within this many epochs; its controller settles from this epoch on.
-TARGET_MARGIN = 0.03
-TARGET_EPOCHS = 5
-SETTLE_FROM = 5
-MISSING = "—"
-FIGURES = {"r1_epoch": "results_r1_vs_epoch.png", "r1_seconds": "results_r1_vs_seconds.png",
-           "controller": "results_kappa_error.png", "triplets": "results_triplets.png"}
-GENERATED = ("<!-- generated by benchmarks/compare_methods.py: do not edit by hand; rerun the "
-             "script (--report-only rewrites this file from the runs) -->")
-
-
-# ----------------------------------------------------------------------------------------------
-# Runs: commands, records, the resumable loop.
-
-
-def run_command(name: str, seed: int, *, workdir: Path, epochs: int, data_dir: Path,
-                smoke: bool = False, overrides: Sequence[str] = ()) -> list[str]:
-    """The subprocess command of one run (variant `name` or PEER), to run from the repo root."""
-    flags = [f"--workdir={workdir}", f"--config.seed={seed}", f"--config.train.epochs={epochs}",
-             "--config.train.eval_every=1", "--config.train.progress=False",
-             f"--config.data.dir={data_dir}", *(f"--config.{item}" for item in overrides)]
-    if name == PEER:
-        config = CONFIG + (":smoke" if smoke else "")
-        return [sys.executable, "benchmarks/pml_peer.py", f"--config={config}", *flags]
-    config = f"{CONFIG}:{'smoke,' if smoke else ''}{name}"
-    return [sys.executable, "-m", "experiments.omniglot", f"--config={config}", *flags]
-
-
-def read_records(path: Path) -> list[dict]:
-    """The JSON records of a metrics.jsonl (none when absent; a torn last line is ignored)."""
-    if not path.is_file():
-        return []
-    records = []
-    for line in path.read_text().splitlines():
-        try:
-            records.append(json.loads(line))
-        except json.JSONDecodeError:
-            continue
-    return records
-
-
-def is_finished(records: Sequence[Mapping], epochs: int) -> bool:
-    """True when the run has the test metrics of epoch `epochs`."""
-    return any(record.get("epoch") == epochs and "test" in record for record in records)
-
-
-def run_dir(runs_dir: Path, name: str, seed: int) -> Path:
-    """The workdir of one run: RUNS/name/seedS."""
-    return runs_dir / name / f"seed{seed}"
-
-
-def images_trained(record: Mapping) -> float:
-    """Training images the record's `seconds.train` timed (images/s × seconds)."""
-    return (float(record.get("train_images_per_second", 0.0))
-            * float(record.get("seconds", {}).get("train", 0.0)))
-
-
-def complete_interrupted_epochs(records: Sequence[Mapping]) -> list[dict]:
-    """The records with the train time of epochs that timed only part of their steps scaled
-    to the whole epoch, marked `train_seconds_timed_share`.
-
-    Before the train loop carried an interrupted epoch's train time across the restart, an
-    epoch resumed mid-way recorded only the steps after the restart; its train and epoch
-    seconds are scaled by (the run's full epoch images) / (images it timed). Every other
-    record is returned unchanged."""
-    full = max((images_trained(record) for record in records), default=0.0)
-    completed = []
-    for record in records:
-        timed = images_trained(record)
-        if full <= 0 or timed <= 0 or timed >= PARTIAL_EPOCH * full:
-            completed.append(dict(record))
-            continue
-        seconds = dict(record["seconds"])
-        extra = seconds["train"] * (full / timed - 1.0)
-        seconds["train"] += extra
-        seconds["epoch"] = seconds.get("epoch", 0.0) + extra
-        completed.append({**record, "seconds": seconds,
-                          "train_seconds_timed_share": timed / full})
-    return completed
-
-
-def load_runs(runs_dir: Path, names: Sequence[str],
-              seeds: Sequence[int]) -> dict[str, dict[int, list[dict]]]:
-    """{name: {seed: metrics.jsonl records}} of RUNS/name/seedS (empty list: not started),
-    interrupted epochs' train time completed (`complete_interrupted_epochs`)."""
-    return {name: {seed: complete_interrupted_epochs(
-                read_records(run_dir(runs_dir, name, seed) / "metrics.jsonl"))
-                   for seed in seeds} for name in names}
-
-
-def finished_runs(runs: Mapping[str, Mapping[int, list]],
-                  epochs: int) -> dict[str, dict[int, list[dict]]]:
-    """The finished runs only, each cut to its records of epochs 1..`epochs`."""
-    return {name: {seed: sorted((r for r in records if r.get("epoch", 0) <= epochs),
-                                key=lambda r: r["epoch"])
-                   for seed, records in by_seed.items() if is_finished(records, epochs)}
-            for name, by_seed in runs.items()}
-
-
-def machine_info() -> dict:
-    """CPU model, cores, accelerator and package versions of this machine, and the date."""
-    from importlib import metadata
-
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    info = {"cpu": cpu, "cores": os.cpu_count(), "platform": platform.platform(),
-            "python": platform.python_version(),
-            "date": datetime.datetime.now().isoformat(timespec="seconds")}
-    for package in ("jax", "jaxlib", "torch", "pytorch-metric-learning"):
-        try:
-            info[package] = metadata.version(package)
-        except metadata.PackageNotFoundError:
-            continue
-    # In a child process: initialising a GPU backend here would hold device memory that the
-    # runs need.
-    probe = ("import jax; d = jax.devices(); "
-             "print(f'{jax.default_backend()} × {len(d)} ({d[0].device_kind})')")
-    try:
-        child = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True,
-                               timeout=120, check=True)
-        info["accelerator"] = child.stdout.strip().splitlines()[-1]
-    except (OSError, subprocess.SubprocessError, IndexError) as error:
-        info["accelerator"] = f"unknown ({type(error).__name__})"
-    return info
-
-
-def _append_json(path: Path, value: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a") as file:
-        file.write(json.dumps(value, sort_keys=True) + "\n")
-
-
-def record_invocation(script: str, argv, runs_dir: Path, *, report_only: bool
-                      ) -> tuple[str, Path]:
-    """(this invocation as a shell line, RUNS/commands.jsonl); a training invocation is appended
-    to that history with its date, so the report can list every command that trained."""
-    invocation = shlex.join(["python", script, *(sys.argv[1:] if argv is None else argv)])
-    history = runs_dir / "commands.jsonl"
-    if not report_only:
-        _append_json(history, {"command": invocation,
-                               "date": datetime.datetime.now().isoformat(timespec="seconds")})
-    return invocation, history
-
-
-class _ChildSignals:
-    """Forwards SIGTERM to the running child (which checkpoints and exits with 143) and
-    remembers it, so the loop stops after that child instead of starting the next run."""
-
-    def __init__(self):
-        self.child: subprocess.Popen | None = None
-        self.stopping = False
-
-    def __enter__(self):
-        self._previous = signal.signal(signal.SIGTERM, self._handle)
-        return self
-
-    def _handle(self, signum, frame):
-        self.stopping = True
-        if self.child is not None and self.child.poll() is None:
-            self.child.send_signal(signal.SIGTERM)
-
-    def __exit__(self, *exc_info):
-        signal.signal(signal.SIGTERM, self._previous)
-        return False
-
-
-def parse_shard(text: str | None) -> tuple[int, int]:
-    """"I/N" -> (I, N), 0 <= I < N: this invocation runs every N-th job from the I-th (two
-    invocations pinned to one core each run two jobs at a time); None -> (0, 1). ValueError
-    for anything else."""
-    if text is None:
-        return 0, 1
-    try:
-        index, count = (int(part) for part in text.split("/"))
-    except ValueError:
-        raise ValueError(f"--shard: expected I/N, e.g. 0/2, got {text!r}") from None
-    if not 0 <= index < count:
-        raise ValueError(f"--shard: expected 0 <= I < N, got {text!r}")
-    return index, count
-
-
-def run_all(jobs: Sequence[tuple[str, int]], *, runs_dir: Path, epochs: int,
-            command_for: Callable[[str, int, Path], list[str]]) -> tuple[list[str], bool]:
-    """Runs every unfinished (name, seed) in order, each as `command_for(name, seed, workdir)`
-    (the workdir is RUNS/name/seedS; finished: the test metrics of epoch `epochs`); returns
-    (the failed ones as text, whether SIGTERM stopped the loop). Each launch appends this
-    machine's description to the workdir's machine.jsonl."""
-    failures, machine = [], None
-    with _ChildSignals() as signals:
-        for number, (name, seed) in enumerate(jobs, 1):
-            workdir = run_dir(runs_dir, name, seed)
-            label = f"[{number}/{len(jobs)}] {name} seed {seed}"
-            records = read_records(workdir / "metrics.jsonl")
-            if is_finished(records, epochs):
-                print(f"{label}: finished, skipped", flush=True)
-                continue
-            if signals.stopping:
-                break
-            command = command_for(name, seed, workdir)
-            done = max((r.get("epoch", 0) for r in records), default=0)
-            print(f"{label}: {'resuming after epoch ' + str(done) if done else 'starting'} "
-                  f"(log: {workdir / 'run.log'})", flush=True)
-            machine = machine or machine_info()
-            _append_json(workdir / "machine.jsonl", {**machine, "command": shlex.join(command)})
-            with open(workdir / "run.log", "a") as log:
-                signals.child = subprocess.Popen(command, cwd=REPO, stdout=log,
-                                                 stderr=subprocess.STDOUT)
-                status = signals.child.wait()
-                signals.child = None
-            if signals.stopping:
-                print(f"{label}: stopped by SIGTERM (exit status {status}); rerun the same "
-                      "command to resume", flush=True)
-            elif status:
-                failures.append(f"{name} seed {seed}: exit status {status} "
-                                f"(see {workdir / 'run.log'})")
-                print(f"{label}: FAILED, exit status {status}", flush=True)
-            else:
-                print(f"{label}: done", flush=True)
-            if signals.stopping:
-                break
-    return failures, signals.stopping
-
-
-# ----------------------------------------------------------------------------------------------
-# Statistics of the records (pure).
-
-
-def mean_std(values: Sequence[float]) -> tuple[float, float, int]:
-    """(mean, sample standard deviation (ddof 1; NaN for fewer than 2 values), count);
-    NaN values are left out; (NaN, NaN, 0) for none."""
-    array = np.asarray([v for v in values if v is not None and np.isfinite(v)], np.float64)
-    if not array.size:
-        return math.nan, math.nan, 0
-    std = float(array.std(ddof=1)) if array.size > 1 else math.nan
-    return float(array.mean()), std, int(array.size)
-
-
-def format_mean_std(values: Sequence[float], scale: float = 100.0, digits: int = 1) -> str:
-    """"mean ± std" of `values` × scale ("mean" for one value, MISSING for none)."""
-    mean, std, count = mean_std(values)
-    if not count:
-        return MISSING
-    if count == 1:
-        return f"{mean * scale:.{digits}f}"
-    return f"{mean * scale:.{digits}f} ± {std * scale:.{digits}f}"
-
-
-def final_test(records: Sequence[Mapping]) -> dict:
-    """The test metrics of the last evaluated epoch ({} when none)."""
-    tested = [record for record in records if "test" in record]
-    return dict(tested[-1]["test"]) if tested else {}
-
-
-def mean_curve(seed_records: Sequence[Sequence[Mapping]],
-               key: str = "recall@1") -> tuple[np.ndarray, np.ndarray]:
-    """(epochs, mean of test[key] over the seeds) on the evaluated epochs every seed has."""
-    if not seed_records:
-        return np.zeros(0, int), np.zeros(0)
-    per_seed = [{r["epoch"]: r["test"][key] for r in records if "test" in r}
-                for records in seed_records]
-    epochs = sorted(set.intersection(*(set(curve) for curve in per_seed)))
-    values = [np.mean([curve[epoch] for curve in per_seed]) for epoch in epochs]
-    return np.asarray(epochs, int), np.asarray(values, np.float64)
-
-
-def training_seconds(record: Mapping) -> float:
-    """The epoch's wall-clock without the test evaluation (the cost of training itself)."""
-    seconds = record.get("seconds", {})
-    return float(seconds.get("epoch", 0.0)) - float(seconds.get("eval", 0.0))
-
-
-def mean_cumulative_seconds(seed_records: Sequence[Sequence[Mapping]],
-                            epochs: Sequence[int]) -> np.ndarray:
-    """Mean over the seeds of the training seconds (no evaluation) up to the end of each of
-    `epochs`."""
-    totals = []
-    for records in seed_records:
-        cumulative, running = {}, 0.0
-        for record in sorted(records, key=lambda r: r["epoch"]):
-            running += training_seconds(record)
-            cumulative[record["epoch"]] = running
-        totals.append([cumulative[epoch] for epoch in epochs])
-    return np.mean(np.asarray(totals, np.float64), axis=0) if totals else np.zeros(0)
-
-
-def epochs_to_reach(epochs: Sequence[int], values: Sequence[float],
-                    target: float) -> int | None:
-    """The first epoch whose value is >= target (None: never, or no target)."""
-    if target is None or not np.isfinite(target):
-        return None
-    for epoch, value in zip(epochs, values, strict=True):
-        if value >= target:
-            return int(epoch)
-    return None
-
-
-def controller_signal(record: Mapping, target: float = TARGET_ERROR) -> tuple[float, float]:
-    """(the error the controller steered by, its target) of an epoch record: `controller_error`
-    and `controller_target` (NaN: nothing mined), or the training error and `target` for
-    records of older runs."""
-    if "controller_error" in record:
-        value = record["controller_error"]
-        return (math.nan if value is None else float(value)), float(record["controller_target"])
-    return float(record["training_error"]), target
-
-
-def settled_epoch(records: Sequence[Mapping], target: float = TARGET_ERROR,
-                  tolerance: float = SETTLE_TOLERANCE) -> int | None:
-    """The first mining epoch from which the controller's signal stays within its target ±
-    tolerance (the controller's convergence, paper Figs. 3–4); None if it never settles."""
-    mining = [r for r in sorted(records, key=lambda r: r["epoch"]) if r.get("mining")]
-    settled = None
-    for record in mining:
-        error, goal = controller_signal(record, target)
-        if abs(error - goal) <= tolerance:
-            settled = settled if settled is not None else int(record["epoch"])
-        else:
-            settled = None
-    return settled
-
-
-def kappa_off_bounds(records: Sequence[Mapping], from_epoch: int,
-                     bounds: tuple[float, float] = KAPPA_BOUNDS) -> bool | None:
-    """Whether every mining epoch from `from_epoch` on used a κ strictly inside the clip
-    bounds (None: no such epoch)."""
-    kappas = [r["kappa"] for r in records if r.get("mining") and r["epoch"] >= from_epoch]
-    if not kappas:
-        return None
-    return all(bounds[0] < kappa < bounds[1] for kappa in kappas)
-
-
-def best_val_test(records: Sequence[Mapping], key: str = "recall@1") -> dict:
-    """The test metrics of the epoch with the best validation R@1 (the first of equals; {}
-    without validation metrics): model selection on held-out training classes."""
-    scored = [r for r in records if "val" in r and "test" in r]
-    if not scored:
-        return {}
-    best = max(scored, key=lambda r: (r["val"][key], -r["epoch"]))
-    return {**best["test"], "epoch": best["epoch"], "val": best["val"]}
-
-
-def time_split(seed_records: Sequence[Sequence[Mapping]]) -> dict[str, float]:
-    """Mean seconds per epoch of each phase, of the epoch and of the epoch without evaluation
-    (over every epoch of every seed), and the share of the epoch without evaluation spent in
-    triplet selection (index + mine) and in embed + index + mine, over the mining epochs only
-    (NaN when the variant never mines)."""
-    records = [record for records in seed_records for record in records]
-    if not records:
-        return {}
-    split = {phase: float(np.mean([r["seconds"].get(phase, 0.0) for r in records]))
-             for phase in (*PHASES, "epoch")}
-    split["no_eval"] = float(np.mean([training_seconds(r) for r in records]))
-    mining = [r for r in records if r.get("mining") and training_seconds(r) > 0]
-
-    def share(phases):
-        if not mining:
-            return math.nan
-        return float(np.mean([sum(r["seconds"][p] for p in phases) / training_seconds(r)
-                              for r in mining]))
-
-    split["select_share"] = share(("index", "mine"))
-    split["embed_select_share"] = share(("embed", "index", "mine"))
-    return split
-
-
-SIGNIFICANCE = 0.05  # two-sided Welch t-test level of the claim verdicts
-
-
-def compare(a: Sequence[float], b: Sequence[float]) -> tuple[float, float | None, str]:
-    """(mean(a) - mean(b), the two-sided p-value of Welch's t-test (scipy), verdict): "held"
-    when p < SIGNIFICANCE and the difference is positive, "reversed" when p < SIGNIFICANCE and
-    it is negative, else "inconclusive"; "single seed" without a spread on both sides,
-    "missing" without values. NaN values are left out."""
-    from scipy import stats
-
-    mean_a, std_a, n_a = mean_std(a)
-    mean_b, std_b, n_b = mean_std(b)
-    if not n_a or not n_b:
-        return math.nan, None, "missing"
-    difference = mean_a - mean_b
-    if n_a < 2 or n_b < 2:
-        return difference, None, "single seed"
-    if std_a == 0 and std_b == 0:  # no spread: any difference is exact
-        p_value = 1.0 if difference == 0 else 0.0
-    else:
-        clean = [[v for v in values if v is not None and np.isfinite(v)] for values in (a, b)]
-        p_value = float(stats.ttest_ind(*clean, equal_var=False).pvalue)
-    if p_value < SIGNIFICANCE:
-        return difference, p_value, "held" if difference > 0 else "reversed"
-    return difference, p_value, "inconclusive"
-
-
-# ----------------------------------------------------------------------------------------------
-# The report (pure: records in, markdown out).
-
-
-def _cell(value, fmt: str = "{}") -> str:
-    if value is None or (isinstance(value, float) and not np.isfinite(value)):
-        return MISSING
-    return fmt.format(value)
-
-
-def _table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:
-    return (["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-            + ["| " + " | ".join(row) + " |" for row in rows])
-
-
-def _finals(finished: Mapping, name: str, key: str) -> list[float]:
-    return [final_test(records).get(key, math.nan)
-            for records in finished.get(name, {}).values()]
-
-
-def _final_val(finished: Mapping, name: str, key: str = "recall@1") -> list[float]:
-    return [next((r["val"][key] for r in reversed(records) if "val" in r), math.nan)
-            for records in finished.get(name, {}).values()]
-
-
-def _at_best_val(finished: Mapping, name: str, key: str = "recall@1") -> list[float]:
-    return [best_val_test(records).get(key, math.nan)
-            for records in finished.get(name, {}).values()]
-
-
-def _machine_lines(machines: Sequence[Mapping]) -> list[str]:
-    seen, lines = set(), []
-    for machine in machines:
-        key = (machine.get("cpu"), machine.get("cores"), machine.get("accelerator"),
-               machine.get("jax"))
-        if key in seen:
-            continue
-        seen.add(key)
-        extras = ", ".join(f"{package} {machine[package]}" for package in
-                           ("jax", "jaxlib", "torch", "pytorch-metric-learning")
-                           if machine.get(package))
-        lines.append(f"- {machine.get('cpu', '?')}, {machine.get('cores', '?')} cores, "
-                     f"{machine.get('accelerator', '?')}; {extras}; {machine.get('platform', '')}"
-                     f" (first seen {machine.get('date', '?')})")
-    if len(lines) > 1:
-        lines.append("- **The runs used more than one machine: compare their times with care.**")
-    return lines or ["- (no run has started yet)"]
-
-
-def _progress_lines(runs: Mapping, epochs: int) -> list[str]:
-    lines = []
-    for name, by_seed in runs.items():
-        for seed, records in by_seed.items():
-            if is_finished(records, epochs):
-                continue
-            done = max((r.get("epoch", 0) for r in records), default=0)
-            state = f"{done} of {epochs} epochs" if done else "not started"
-            lines.append(f"- {name} seed {seed}: {state}")
-    return lines
-
-
-def _scaled_epoch_lines(finished: Mapping) -> list[str]:
-    """Setup lines naming the epochs whose train time `complete_interrupted_epochs` scaled."""
-    scaled = [f"{name} seed {seed} epoch {record['epoch']} "
-              f"({record['train_seconds_timed_share']:.0%} timed)"
-              for name, by_seed in finished.items() for seed, records in by_seed.items()
-              for record in records if "train_seconds_timed_share" in record]
-    if not scaled:
-        return []
-    return ["- Epochs resumed mid-way by a train loop that timed only the steps after the "
-            "restart; their train time is scaled to the whole epoch from the steps it timed: "
-            + "; ".join(scaled) + "."]
-
-
-def _command_lines(command: str | Sequence[str]) -> list[str]:
-    """The Setup section's command line(s): one command, or the list that trained the runs."""
-    commands = [command] if isinstance(command, str) else list(command)
-    shared = (["- **Some runs trained two at a time** (`--shard`, each invocation pinned to one "
-               "core with `taskset`): their seconds come from a shared machine and one core, "
-               "not comparable with runs that had both cores."]
-              if any("--shard" in c for c in commands) else [])
-    if len(commands) == 1:
-        return [f"- Command: `{commands[0]}`", *shared]
-    return ["- Commands that trained the runs, in order (the workdirs are the cache: a run is "
-            "trained by the first command that names it and resumed or skipped by later ones):",
-            *[f"  - `{c}`" for c in commands], *shared]
-
-
-def results_markdown(runs: Mapping[str, Mapping[int, list]], *, variants: Sequence[str],
-                     seeds: Sequence[int], epochs: int, command: str | Sequence[str],
-                     machines: Sequence[Mapping] = (), protocol: Mapping | None = None,
-                     peer_settings: Mapping | None = None, target_error: float = TARGET_ERROR,
-                     figures: Mapping[str, str] | None = None) -> str:
-    """RESULTS.md from the runs' records: {name: {seed: metrics.jsonl records}} for the
-    variants (and PEER when it ran). Only finished runs (test metrics of epoch `epochs`)
-    count; missing cells are "—" and unfinished runs are listed. `protocol`: the runs'
-    train_images (N), batch_images and samples_per_class of the in-batch batches (config.json);
-    `machines`: the machine.jsonl records of the runs."""
-    finished = finished_runs(runs, epochs)
-    names = [*variants, *([PEER] if PEER in runs else [])]
-    lines = [GENERATED, "", "# Miners side by side on Omniglot", "",
-             "Generated by `benchmarks/compare_methods.py`; do not edit by hand.", "",
-             "## Setup", "", *_command_lines(command),
-             f"- Each run: `{shlex.join(['python', '-m', 'experiments.omniglot'])} "
-             f"--config={CONFIG}:VARIANT --workdir=RUNS/VARIANT/seedS --config.seed=S "
-             f"--config.train.epochs={epochs} --config.train.eval_every=1 ...` "
-             "(the peer: `python benchmarks/pml_peer.py` with the same flags).",
-             f"- Seeds: {', '.join(map(str, seeds))}; {epochs} epochs; test metrics on the "
-             "evaluation classes after every epoch (`metrics.evaluate`).",
-             "- Machine(s) of the runs:", *["  " + line for line in _machine_lines(machines)],
-             *_scaled_epoch_lines(finished)]
-    protocol = dict(protocol or {})
-    train_images = protocol.get("train_images")
-    batch = int(protocol.get("batch_images") or 128)
-    per_class = int(protocol.get("samples_per_class") or 4)
-    epoch_images = f"3 × N = {3 * train_images:,}" if train_images else "3 × N"
-    lines += [f"- An epoch shows every method the same number of training images, "
-              f"{epoch_images} (N training images): N triplets for the index-mining and random "
-              f"variants, ⌈3N / {batch}⌉ m-per-class batches of {batch} images "
-              f"({batch // per_class} classes × {per_class}) for the in-batch variants and the "
-              f"PyTorch peer (npairs: {batch // 2} classes × 2)."]
-    if peer_settings:
-        lines += [f"- PyTorch peer (`{PEER}`): same net, data, input, embedding size, batches "
-                  f"and epochs; pytorch-metric-learning {peer_settings.get('pml_version', '?')} "
-                  f"`TripletMarginMiner(type_of_triplets=\"semihard\")` + `TripletMarginLoss`, "
-                  f"margin {peer_settings.get('margin')} on "
-                  f"{'squared ' if peer_settings.get('distance') == 'squared' else ''}L2 "
-                  f"distances, optimizer {peer_settings.get('optimizer')}, torch "
-                  f"{peer_settings.get('torch_version', '?')} with "
-                  f"{peer_settings.get('threads', '?')} threads."]
-
-    # Table 1 analogue.
-    rows = []
-    for name in names:
-        count = len(finished.get(name, {}))
-        rows.append([f"`{name}`", str(count),
-                     *(format_mean_std(_finals(finished, name, key)) for key, _ in METRICS),
-                     format_mean_std(_final_val(finished, name)),
-                     format_mean_std(_at_best_val(finished, name))])
-    lines += ["", f"## Test metrics after {epochs} epochs (%, mean ± std over finished seeds)",
-              "", "The test classes are never used to choose anything. Last two columns: R@1 "
-              "on the validation classes (training classes held out, `data.val_classes`) "
-              "after the last epoch, and the test R@1 of the epoch with the best validation "
-              "R@1 (model selection by validation).", "",
-              *_table(["method", "n", *(label for _, label in METRICS), "val R@1",
-                       "R@1 at best val"], rows)]
-    unfinished = _progress_lines(runs, epochs)
-    if unfinished:
-        lines += ["", "Unfinished runs (not in the tables):", "", *unfinished]
-
-    # Convergence.
-    curves = {name: mean_curve(list(finished.get(name, {}).values())) for name in names}
-    reference_best = (float(curves[REFERENCE][1].max()) if REFERENCE in curves
-                      and curves[REFERENCE][1].size else math.nan)
-    rows = []
-    for name in names:
-        epoch_axis, values = curves[name]
-        if not values.size:
-            rows.append([f"`{name}`", *[MISSING] * 5])
-            continue
-        seconds = mean_cumulative_seconds(list(finished[name].values()), epoch_axis)
-        own = epochs_to_reach(epoch_axis, values, FRACTION * values.max())
-        versus = epochs_to_reach(epoch_axis, values, FRACTION * reference_best)
-        versus_seconds = (seconds[list(epoch_axis).index(versus)] if versus is not None
-                          else None)
-        settles = [settled_epoch(records, target_error)
-                   for records in finished[name].values()]
-        has_kappa = any(r.get("mining") for records in finished[name].values()
-                        for r in records)
-        settle_text = (", ".join(_cell(epoch) for epoch in settles) if has_kappa else MISSING)
-        rows.append([f"`{name}`", f"{100 * values.max():.1f}", _cell(own),
-                     _cell(versus) if np.isfinite(reference_best) else MISSING,
-                     _cell(versus_seconds, "{:,.0f}"), settle_text])
-    lines += ["", "## Convergence", "",
-              f"On the R@1 curve averaged over the finished seeds. Epochs (and training seconds, "
-              f"evaluation left out) until R@1 first reaches {FRACTION:.0%} of the method's own "
-              f"best and of the best of `{REFERENCE}` "
-              f"({_cell(100 * reference_best, '{:.1f} %')}); \"—\": not reached or no "
-              f"reference. Last column: per seed, the first mining epoch from which the "
-              f"controller's signal (`controller.error_on`) stays within its target ± "
-              f"{SETTLE_TOLERANCE} (the paper's Figs. 3–4).", "",
-              *_table(["method", "best R@1", f"epochs to {FRACTION:.0%} own best",
-                       f"epochs to {FRACTION:.0%} of {REFERENCE}",
-                       f"seconds to {FRACTION:.0%} of {REFERENCE}", "error settled from epoch"],
-                      rows)]
-
-    # Time split.
-    splits = {name: time_split(list(finished.get(name, {}).values())) for name in names}
-    rows = []
-    for name in names:
-        split = splits[name]
-        if not split:
-            rows.append([f"`{name}`", *[MISSING] * 9])
-            continue
-        rows.append([f"`{name}`", *(f"{split[p]:.2f}" for p in (*PHASES, "epoch", "no_eval")),
-                     _cell(100 * split["select_share"], "{:.2f} %"),
-                     _cell(100 * split["embed_select_share"], "{:.2f} %")])
-    lines += ["", "## Time per epoch (seconds, mean over epochs and finished seeds)", "",
-              "`train` holds the in-batch miners and losses (they run inside the train step); "
-              "the first epoch includes compilation. The shares are of the epoch without "
-              "evaluation, over the mining epochs only.", "",
-              *_table(["method", *PHASES, "epoch", "epoch − eval", "index + mine",
-                       "embed + index + mine"], rows)]
-    if PEER in names:
-        peer = splits[PEER].get("no_eval")
-        ratios = []
-        for name in ("semihard", "smart"):
-            other = splits.get(name, {}).get("no_eval")
-            text = f"{peer / other:.2f}" if peer and other else MISSING
-            ratios.append(f"`{PEER}` / `{name}`: {text}")
-        lines += ["", "Epoch time without evaluation, measured in this comparison: "
-                  + "; ".join(ratios) + "."]
-        miner = [r.get("miner_seconds", math.nan) for records in finished.get(PEER, {}).values()
-                 for r in records]
-        if miner and peer:
-            lines[-1] += (f" The peer's `TripletMarginMiner` takes {np.nanmean(miner):.2f} s an "
-                          f"epoch ({100 * np.nanmean(miner) / peer:.2f} % of its epoch without "
-                          "evaluation, inside `train`).")
-
-    lines += ["", *claims_markdown(finished, epochs, target_error)]
-    lines += ["", *targets_markdown(finished)]
-    lines += ["", *v1_markdown()]
-    if figures:
-        lines += ["", "## Figures", ""]
-        for caption, path in figures.items():
-            lines += [f"![{caption}]({path})", ""]
-    return "\n".join(lines).rstrip() + "\n"
-
-
-def claims_markdown(finished: Mapping[str, Mapping[int, list]], epochs: int,
-                    target_error: float = TARGET_ERROR) -> list[str]:
-    """The paper's claims (method.md §5) against the finished runs: numbers and a verdict from
-    the difference of the seed means and its standard error (not a tuning target)."""
-
-    def finals(name, key="recall@1"):
-        return _finals(finished, name, key)
-
-    def line(text, a, b, key="recall@1"):
-        difference, p_value, verdict = compare(finals(a, key), finals(b, key))
-        p_text = f" (Welch p = {p_value:.3g})" if p_value is not None else ""
-        delta = f"{100 * difference:+.1f} points{p_text}" if np.isfinite(difference) else "—"
-        return f"{text}: {delta}: **{verdict}**"
-
-    lines = ["## The paper's claims ([docs/method.md](../docs/method.md) §5), computed", "",
-             f"Difference of the seed means and the two-sided p-value of Welch's t-test "
-             f"(scipy); held / reversed: p < {SIGNIFICANCE} in that direction.", "",
-             "- " + line("Index mining beats semi-hard (R@1, `index_no_global` − `semihard`)",
-                         "index_no_global", "semihard"),
-             "- " + line("Smart Mining beats semi-hard (R@1, `smart` − `semihard`)", "smart",
-                         "semihard"),
-             "- The global loss helps every metric (`smart` − `index_no_global`):"]
-    for key, label in METRICS:
-        lines.append("  - " + line(label, "smart", "index_no_global", key))
-    converge = []
-    for name in ("smart", "smart_manual", REFERENCE):
-        epoch_axis, values = mean_curve(list(finished.get(name, {}).values()))
-        own = epochs_to_reach(epoch_axis, values, FRACTION * values.max()) if values.size \
-            else None
-        converge.append(f"`{name}` {_cell(own)}")
-    lines.append(f"- Convergence in about 4 epochs instead of 20: epochs to {FRACTION:.0%} of "
-                 f"the own best R@1 of {epochs}: " + ", ".join(converge)
-                 + "; the controller's settling epochs are in the convergence table.")
-    split = time_split(list(finished.get("smart", {}).values()))
-    share = split.get("select_share", math.nan) if split else math.nan
-    if np.isfinite(share):
-        verdict = "held" if share < 0.01 else "not held"
-        lines.append(f"- Triplet selection costs < 1 % of an epoch (`smart`, index + mine, "
-                     f"mining epochs): {100 * share:.2f} % (with the embedding pass: "
-                     f"{100 * split['embed_select_share']:.2f} %): **{verdict}**")
-    else:
-        lines.append("- Triplet selection costs < 1 % of an epoch: — (no finished `smart` run "
-                     "with mining epochs)")
-    return lines
-
-
-def targets_markdown(finished: Mapping[str, Mapping[int, list]]) -> list[str]:
-    """The validation study's targets for the `smart` default against the finished runs."""
-    smart = finished.get("smart", {})
-    lines = ["## Targets of the validation study, computed", ""]
-    plain, plain_p, _ = compare(_finals(finished, "smart", "recall@1"),
-                                _finals(finished, REFERENCE, "recall@1"))
-    if np.isfinite(plain):
-        met = "met" if plain >= TARGET_MARGIN else "missed"
-        lines.append(f"- `smart` ≥ `{REFERENCE}` + {100 * TARGET_MARGIN:.0f} R@1 points: "
-                     f"`smart` − `{REFERENCE}` = {100 * plain:+.1f} points"
-                     f"{f' (Welch p = {plain_p:.3g})' if plain_p is not None else ''}: "
-                     f"**{met}**")
-    else:
-        lines.append(f"- `smart` ≥ `{REFERENCE}` + {100 * TARGET_MARGIN:.0f} R@1 points: —")
-    epoch_axis, values = mean_curve(list(smart.values()))
-    own = epochs_to_reach(epoch_axis, values, FRACTION * values.max()) if values.size else None
-    per_seed = []
-    for records in smart.values():
-        seed_axis, seed_values = mean_curve([records])
-        per_seed.append(epochs_to_reach(seed_axis, seed_values, FRACTION * seed_values.max()))
-    verdict = MISSING if own is None else ("met" if own <= TARGET_EPOCHS else "missed")
-    lines.append(f"- `smart` reaches {FRACTION:.0%} of its best R@1 within {TARGET_EPOCHS} "
-                 f"epochs: mean curve {_cell(own)} (per seed "
-                 f"{', '.join(_cell(e) for e in per_seed) or MISSING}): **{verdict}**")
-    settles = [settled_epoch(records) for records in smart.values()]
-    inside = [kappa_off_bounds(records, SETTLE_FROM) for records in smart.values()]
-    settled_ok = bool(settles) and all(e is not None and e <= SETTLE_FROM for e in settles)
-    inside_ok = bool(inside) and all(inside)
-    verdict = MISSING if not settles else ("met" if settled_ok and inside_ok else "missed")
-    lines.append(f"- The controller settles (signal within its target ± {SETTLE_TOLERANCE} from "
-                 f"epoch {SETTLE_FROM} on, κ strictly inside {list(KAPPA_BOUNDS)} in every "
-                 f"seed): settled from epoch {', '.join(_cell(e) for e in settles) or MISSING}; "
-                 f"κ inside the bounds from epoch {SETTLE_FROM}: "
-                 f"{', '.join(_cell(v) for v in inside) or MISSING}: **{verdict}**")
-    for other, what in (("index_no_global", "the global loss"),
-                        ("smart_manual", "the controller")):
-        parts = []
-        for key, label in METRICS:
-            difference, p_value, verdict = compare(_finals(finished, "smart", key),
-                                                   _finals(finished, other, key))
-            if not np.isfinite(difference):
-                parts.append(f"{label} —")
-            else:
-                parts.append(f"{label} {100 * difference:+.1f} " + (
-                    f"(p = {p_value:.2g})" if p_value is not None else f"({verdict})"))
-        lines.append(f"- `smart` − `{other}` ({what}): " + "; ".join(parts))
-    return lines
-
-
-def v1_markdown(path: Path = RESULTS_V1) -> list[str]:
-    """The test-metric table of the frozen v1 report (all training classes), its rows
-    renamed `name (v1)`; nothing when the file is absent."""
-    if not path.is_file():
-        return []
-    text = path.read_text().splitlines()
-    start = next((i for i, line in enumerate(text) if line.startswith("## Test metrics")), None)
-    if start is None:
-        return []
-    table = []
-    for line in text[start + 1:]:
-        if line.startswith("|"):
-            table.append(line.replace("` |", " (v1)` |", 1) if line.startswith("| `") else line)
-        elif table:
-            break
-    return ["## v1 rows (all 964 training classes, no validation split)", "",
-            f"From the frozen report [{path.name}]({path.name}) (commit edcb82f, generated by "
-            "this script then): the first version's defaults trained on every background class, so "
-            "these rows are not on the same training set as the tables above; `smart_v1` "
-            "above is the same method rerun on the reduced set. Test metrics after 20 epochs "
-            "(%, mean ± std over 3 seeds):", "", *table]
-
-
-# ----------------------------------------------------------------------------------------------
-# Figures (records in, PNG out).
-
-
-def _pyplot():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
-def _style(name: str) -> dict:
-    if name == PEER:
-        return {"color": "black", "linestyle": "--", "marker": "x"}
-    index = VARIANTS.index(name) if name in VARIANTS else len(VARIANTS)
-    return {"color": f"C{index % 10}", "marker": "o" if name in TRIPLET_VARIANTS else "s",
-            "markersize": 3}
-
-
-def plot_recall_curves(finished: Mapping[str, Mapping[int, list]], names: Sequence[str],
-                       path_epoch: Path, path_seconds: Path) -> None:
-    """R@1 (mean over the finished seeds) vs epoch and vs training seconds (no evaluation)."""
-    plt = _pyplot()
-    from matplotlib import ticker
-
-    longest = max((mean_cumulative_seconds(list(by_seed.values()), mean_curve(
-        list(by_seed.values()))[0])[-1] for by_seed in finished.values() if by_seed),
-        default=0.0)
-    unit, unit_name = ((3600.0, "hours") if longest > 3 * 3600 else (60.0, "minutes")
-                       if longest > 600 else (1.0, "seconds"))
-    for path, by_seconds in ((path_epoch, False), (path_seconds, True)):
-        figure, axis = plt.subplots(figsize=(7, 4.5))
-        for name in names:
-            seed_records = list(finished.get(name, {}).values())
-            epoch_axis, values = mean_curve(seed_records)
-            if not values.size:
-                continue
-            x = (mean_cumulative_seconds(seed_records, epoch_axis) / unit if by_seconds
-                 else epoch_axis)
-            axis.plot(x, 100 * values, label=f"{name} (n={len(seed_records)})", **_style(name))
-        axis.set_xlabel(f"training {unit_name} (evaluation excluded)" if by_seconds
-                        else "epoch")
-        axis.set_ylabel("R@1 on the test classes (%)")
-        axis.xaxis.set_major_locator(ticker.MaxNLocator(integer=not by_seconds))
-        if axis.lines:
-            axis.legend(fontsize=7)
-        else:
-            axis.text(0.5, 0.5, "no finished run", ha="center", transform=axis.transAxes)
-        axis.grid(alpha=0.3)
-        figure.tight_layout()
-        figure.savefig(path, dpi=110)
-        plt.close(figure)
-
-
-def plot_controller(finished: Mapping[str, Mapping[int, list]], path: Path,
-                    target_error: float = TARGET_ERROR,
-                    names: Sequence[str] = ("smart", "smart_v1")) -> None:
-    """κ used and the controller's signal per epoch (`controller.error_on`: the error of all
-    triplets or of the mined ones), one line per seed, each variant's target dotted (the
-    paper's Figs. 3–4)."""
-    plt = _pyplot()
-    figure, (top, bottom) = plt.subplots(2, 1, figsize=(7, 6), sharex=True)
-    for name in names:
-        targets = set()
-        for number, (_, records) in enumerate(sorted(finished.get(name, {}).items())):
-            epoch_axis = [r["epoch"] for r in records]
-            kappa = [r["kappa"] if r.get("kappa") is not None else math.nan for r in records]
-            signal = [controller_signal(r, target_error) for r in records]
-            targets |= {goal for _, goal in signal}
-            label = name if number == 0 else None
-            style = {"color": _style(name)["color"], "marker": "o", "markersize": 3,
-                     "alpha": 0.8}
-            top.plot(epoch_axis, kappa, label=label, **style)
-            bottom.plot(epoch_axis, [error for error, _ in signal], label=label, **style)
-        for goal in sorted(targets):
-            bottom.axhline(goal, color=_style(name)["color"], linestyle=":", alpha=0.7,
-                           label=f"{name} target {goal}")
-    top.set_ylabel("κ (mining epochs)")
-    top.set_yscale("log", base=2)
-    bottom.set_ylabel("controller's error signal")
-    bottom.set_xlabel("epoch")
-    from matplotlib import ticker
-
-    bottom.xaxis.set_major_locator(ticker.MaxNLocator(integer=True))
-    for axis in (top, bottom):
-        axis.grid(alpha=0.3)
-        if axis.get_legend_handles_labels()[0]:
-            axis.legend(fontsize=7)
-    if not any(finished.get(name) for name in names):
-        top.text(0.5, 0.5, f"no finished {' / '.join(names)} run", ha="center",
-                 transform=top.transAxes)
-    figure.tight_layout()
-    figure.savefig(path, dpi=110)
-    plt.close(figure)
-
-
-def plot_triplet_montage(panels: Sequence[tuple[str, np.ndarray]], path: Path,
-                         title: str = "") -> None:
-    """panels: (caption, uint8 [K, 3, S, S, C] anchor / positive / negative images); one row per
-    anchor, three columns per panel."""
-    plt = _pyplot()
-    rows = max((images.shape[0] for _, images in panels), default=0)
-    columns = 3 * len(panels)
-    figure, axes = plt.subplots(max(rows, 1), max(columns, 1),
-                                figsize=(1.2 * max(columns, 1), 1.3 * max(rows, 1) + 0.6),
-                                squeeze=False)
-    for axis in axes.ravel():
-        axis.axis("off")
-    for panel, (caption, images) in enumerate(panels):
-        for row in range(images.shape[0]):
-            for role, name in enumerate(("anchor", "positive", "negative")):
-                axis = axes[row, 3 * panel + role]
-                image = images[row, role]
-                axis.imshow(image[..., 0] if image.shape[-1] == 1 else image, cmap="gray",
-                            vmin=0, vmax=255)
-                if row == 0:
-                    axis.set_title(f"{caption}\n{name}" if role == 1 else name, fontsize=7)
-    if not panels:
-        axes[0, 0].text(0.5, 0.5, "no triplets saved", ha="center")
-    if title:
-        figure.suptitle(title, fontsize=8)
-    figure.tight_layout()
-    figure.savefig(path, dpi=110)
-    plt.close(figure)
-
-
-def choose_triplets(triplets: Mapping[int, Mapping[str, np.ndarray]], num_anchors: int,
-                    seed: int = 0) -> list[tuple[int, np.ndarray, bool]]:
-    """Two epochs of saved triplets ({epoch: npz arrays}) for the montage: the first epoch with
-    mined triplets and the last (the first and the last when they coincide). Returns, per
-    epoch, (epoch, int [K, 3] rows (anchor, positive, negative), all shown rows mined): a
-    seeded uniform draw of K of that epoch's mined triplets (of all its triplets where none
-    was mined), so that the panel is a fair sample of what the epoch trained on."""
-    epochs = sorted(triplets)
-    if not epochs:
-        return []
-    mined_epochs = [e for e in epochs if np.asarray(triplets[e]["mined"]).any()]
-    chosen = sorted({mined_epochs[0] if mined_epochs else epochs[0], epochs[-1]})
-    if len(chosen) == 1 and len(epochs) > 1:
-        chosen = [epochs[0], epochs[-1]]
-    rng = np.random.default_rng(seed)
-    panels = []
-    for epoch in chosen:
-        arrays = triplets[epoch]
-        mined = np.asarray(arrays["mined"], bool)
-        pool = np.flatnonzero(mined) if mined.any() else np.arange(len(mined))
-        if not pool.size:
-            continue
-        rows = np.sort(rng.choice(pool, min(num_anchors, pool.size), replace=False))
-        shown = np.stack([arrays["anchor"], arrays["positive"], arrays["negative"]], 1)[rows]
-        panels.append((epoch, shown, bool(mined[rows].all())))
-    return panels
-
-
-def montage_panels(workdir: Path, num_anchors: int = 8) -> tuple[list, str]:
-    """Loads a run's saved triplets and its training images (the run's config.json,
-    `smine_jax.data`): the panels of `plot_triplet_montage` and a title."""
-    import ml_collections
-
-    from smine_jax import data, train
-
-    files = sorted((workdir / "triplets").glob("epoch_*.npz"))
-    triplets = {}
-    for file in files:
-        stem = file.stem.split("_")
-        if len(stem) == 2 and stem[1].isdigit():  # one process: epoch_EEEE.npz
-            with np.load(file) as arrays:
-                triplets[int(stem[1])] = {key: arrays[key] for key in arrays.files}
-    chosen = choose_triplets(triplets, num_anchors)
-    if not chosen:
-        return [], ""
-    config = ml_collections.ConfigDict(json.loads((workdir / "config.json").read_text())[
-        "config"])
-    dataset = data.build_dataset(config.data, progress=False)
-    dataset = train.subset_dataset(dataset, max_classes=int(config.subset.max_classes),
-                                   max_per_class=int(config.subset.max_per_class))
-    images = data.load(config.data, split="train", dataset=dataset, progress=False).images
-    panels = [(f"epoch {epoch} ({'mined' if mined else 'random'})", data.gather(images, rows))
-              for epoch, rows, mined in chosen]
-    return panels, f"{workdir.parent.name}, {workdir.name}: anchor, positive, negative"
-
-
-# ----------------------------------------------------------------------------------------------
-# Command line.
-
-
-def _run_settings(runs_dir: Path, names: Sequence[str], seeds: Sequence[int]):
-    """(machines (machine.jsonl), protocol (N and the in-batch batches), peer settings) from
-    the runs' workdirs."""
-    machines, protocol, peer = [], {}, None
-    for name in names:
-        for seed in seeds:
-            workdir = run_dir(runs_dir, name, seed)
-            if (workdir / "machine.jsonl").is_file():
-                machines += read_records(workdir / "machine.jsonl")
-            if not (workdir / "config.json").is_file():
-                continue
-            saved = json.loads((workdir / "config.json").read_text())
-            config = saved["config"]
-            protocol.setdefault("train_images", ((saved.get("dataset") or {}).get("train")
-                                                 or {}).get("images"))
-            if name != "npairs":
-                protocol.setdefault("batch_images", config["train"]["inbatch_images"]
-                                    or 3 * config["train"]["batch_size"])
-                protocol.setdefault("samples_per_class", config["train"]["samples_per_class"])
-            if name == PEER:
-                peer = peer or config.get("peer")
-    return machines, protocol, peer
-
-
-def reported_runs(runs_dir: Path, names: Sequence[str], seeds: Sequence[int]):
-    """(names, seeds) of the report: those asked for plus every variant / peer and seed that has
-    a workdir in `runs_dir` (in the order of VARIANTS, the peer last)."""
-    def on_disk(name):
-        folder = runs_dir / name
-        seeds = [p.name.removeprefix("seed") for p in folder.glob("seed*") if p.is_dir()]
-        return sorted(int(seed) for seed in seeds if seed.isdigit())
-
-    found = {name: on_disk(name) for name in (*VARIANTS, PEER)}
-    wanted = set(names) | {name for name, found_seeds in found.items() if found_seeds}
-    ordered = [name for name in (*VARIANTS, PEER) if name in wanted]
-    all_seeds = sorted(set(seeds).union(*(found[name] for name in ordered)))
-    return ordered, all_seeds
-
-
-def distinct_commands(history: Path, current: str) -> list[str]:
-    """The commands that trained the runs (commands.jsonl, first occurrence order), or the
-    current one where there is no history."""
-    commands = [json.loads(line)["command"] for line in history.read_text().splitlines()
-                if line.strip()] if history.is_file() else []
-    return list(dict.fromkeys(commands or [current]))
 
 
 def write_report(args, names: Sequence[str], seeds: Sequence[int],
@@ -1067,31 +54,14 @@ def write_report(args, names: Sequence[str], seeds: Sequence[int],
     """RESULTS.md and its figures from the runs in args.runs_dir."""
     results = Path(args.results)
     results.parent.mkdir(parents=True, exist_ok=True)
-    runs = load_runs(Path(args.runs_dir), names, seeds)
-    machines, protocol, peer = _run_settings(Path(args.runs_dir), names, seeds)
-    finished = finished_runs(runs, args.epochs)
-    folder = results.parent
-    plot_recall_curves(finished, names, folder / FIGURES["r1_epoch"],
-                       folder / FIGURES["r1_seconds"])
-    plot_controller(finished, folder / FIGURES["controller"])
-    panels, title = [], ""
-    for name in TRIPLET_VARIANTS:
-        for seed in sorted(finished.get(name, {})):
-            panels, title = montage_panels(run_dir(Path(args.runs_dir), name, seed))
-            if panels:
-                break
-        if panels:
-            break
-    plot_triplet_montage(panels, folder / FIGURES["triplets"], title)
-    figures = {"R@1 vs epoch": FIGURES["r1_epoch"],
-               "R@1 vs training seconds": FIGURES["r1_seconds"],
-               "κ and the controller's error signal per epoch, smart vs smart_v1":
-                   FIGURES["controller"],
-               "Mined triplets at two epochs (anchor, positive, negative)": FIGURES["triplets"]}
-    text = results_markdown(
-        {name: runs[name] for name in names}, variants=[n for n in names if n != PEER],
-        seeds=seeds, epochs=args.epochs, command=commands, machines=machines,
-        protocol=protocol, peer_settings=peer, figures=figures)
+    records = runs.load_runs(args.runs_dir, names, seeds)
+    machines, protocol, peer = runs.run_settings(args.runs_dir, names, seeds)
+    figures = plots.write_figures(runs.finished_runs(records, args.epochs), names,
+                                  args.runs_dir, results.parent)
+    text = report.results_markdown(
+        records, variants=[n for n in names if n != PEER], seeds=seeds, epochs=args.epochs,
+        command=commands, machines=machines, protocol=protocol, peer_settings=peer,
+        figures=figures)
     from smine_jax import fileio
 
     fileio.write_text_atomically(results, text)
@@ -1099,6 +69,7 @@ def write_report(args, names: Sequence[str], seeds: Sequence[int],
 
 
 def _parse_args(argv=None):
+    """The flags, checked and resolved (defaults of --smoke, absolute paths, --tuned read)."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--variants", default=None,
                         help=f"comma-separated (default: all {len(VARIANTS)}; --smoke: "
@@ -1108,7 +79,7 @@ def _parse_args(argv=None):
     parser.add_argument("--epochs", type=int, default=None,
                         help=f"epochs of every run (default: the config's 20; --smoke: "
                              f"{SMOKE_EPOCHS})")
-    parser.add_argument("--data-dir", default=str(DEFAULT_DATA),
+    parser.add_argument("--data-dir", default=str(runs.DEFAULT_DATA),
                         help="the Omniglot folder (images_background/, images_evaluation/)")
     parser.add_argument("--runs-dir", default=None,
                         help="the workdirs (default benchmarks/runs, --smoke: "
@@ -1117,7 +88,7 @@ def _parse_args(argv=None):
                         help="the report (default benchmarks/RESULTS.md; --smoke: "
                              "RUNS/RESULTS.md); figures go next to it")
     parser.add_argument("--peer", action="store_true",
-                        help="also run benchmarks/pml_peer.py (needs torch and "
+                        help="also run the PyTorch peer, benchmarks.pml_peer (needs torch and "
                              "pytorch-metric-learning)")
     parser.add_argument("--smoke", action="store_true",
                         help="tiny runs: the config's smoke variant (subset, small net)")
@@ -1133,7 +104,7 @@ def _parse_args(argv=None):
                              "train.batch_size=64 (repeatable)")
     parser.add_argument("--tuned", default=None, metavar="JSON",
                         help="per-variant overrides {variant: {field: value}} from "
-                             "benchmarks/tuning_sweep.py (benchmarks/tuned.json): each "
+                             "benchmarks.tuning_sweep (benchmarks/tuned.json): each "
                              "variant's runs get its own (use a separate --runs-dir)")
     args = parser.parse_args(argv)
     args.variants = [v for v in (args.variants or ",".join(
@@ -1156,7 +127,7 @@ def _parse_args(argv=None):
                                          else DEFAULT_RESULTS)).absolute()
     args.data_dir = Path(args.data_dir).absolute()
     try:
-        args.shard = parse_shard(args.shard)
+        args.shard = runs.parse_shard(args.shard)
     except ValueError as error:
         parser.error(str(error))
     if any("=" not in item for item in args.set):
@@ -1169,7 +140,7 @@ def _parse_args(argv=None):
         parser.error(f"--data-dir: {args.data_dir} is not a folder (Omniglot with "
                      "images_background/ and images_evaluation/)")
     if args.peer and not args.report_only:
-        import pml_peer
+        from . import pml_peer
 
         missing = pml_peer.missing_dependencies()
         if missing:
@@ -1179,7 +150,7 @@ def _parse_args(argv=None):
 
 
 def load_tuned(path: str | None) -> dict[str, dict]:
-    """{variant: {field: value}} of a `tuning_sweep.py` choice file ({} without one)."""
+    """{variant: {field: value}} of a `tuning_sweep` choice file ({} without one)."""
     if path is None:
         return {}
     try:
@@ -1197,36 +168,28 @@ def load_tuned(path: str | None) -> dict[str, dict]:
 
 
 def main(argv=None) -> None:
+    """Trains the unfinished runs asked for (none with --report-only), then writes the report
+    of every run in the runs dir."""
     args = _parse_args(argv)
     names = [*args.variants, *([PEER] if args.peer else [])]
-    command, history = record_invocation("benchmarks/compare_methods.py", argv, args.runs_dir,
-                                         report_only=args.report_only)
+    command, history = runs.record_invocation("benchmarks.compare_methods", argv,
+                                              args.runs_dir, report_only=args.report_only)
     failures, stopped = [], False
     if not args.report_only:
         index, count = args.shard
         jobs = [(name, seed) for seed in args.seeds for name in names][index::count]
-        failures, stopped = run_all(
+        failures, stopped = runs.run_all(
             jobs, runs_dir=args.runs_dir, epochs=args.epochs,
-            command_for=lambda name, seed, workdir: run_command(
+            command_for=lambda name, seed, workdir: runs.train_command(
                 name, seed, workdir=workdir, epochs=args.epochs, data_dir=args.data_dir,
                 smoke=args.smoke, overrides=[*args.set, *(
                     f"{field}={value}" for field, value in args.tuned.get(name, {}).items())]))
     # The report covers every run in the cache, whichever invocation (or session) trained it.
-    names, seeds = reported_runs(args.runs_dir, names, args.seeds)
-    commands = distinct_commands(history, command)
+    names, seeds = runs.reported_runs(args.runs_dir, names, args.seeds)
+    commands = runs.distinct_commands(history, command)
     results = write_report(args, names, seeds, commands)
     print(f"report: {results}")
-    exit_for(failures, stopped)
-
-
-def exit_for(failures: Sequence[str], stopped: bool) -> None:
-    """Exit status 1 naming the failed runs, 143 after SIGTERM, else return."""
-    if failures:
-        print("failed runs (rerun the same command to retry):\n  " + "\n  ".join(failures),
-              file=sys.stderr)
-        sys.exit(1)
-    if stopped:
-        sys.exit(128 + signal.SIGTERM)
+    runs.exit_for(failures, stopped)
 
 
 if __name__ == "__main__":

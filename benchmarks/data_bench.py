@@ -1,7 +1,7 @@
 """Data pipeline throughput: cache builds (images/s) and gather + on-device augmentation.
 
-    python benchmarks/data_bench.py                          # full size (the lead's run)
-    python benchmarks/data_bench.py --num-jpegs 200 --omniglot-limit 200 --steps 5   # smoke
+    python -m benchmarks.data_bench                          # full size (the lead's run)
+    python -m benchmarks.data_bench --num-jpegs 200 --omniglot-limit 200 --steps 5   # smoke
 
 Measures
   1. cache build of Omniglot (the folder of --omniglot-dir, skipped when absent), decode + resize;
@@ -35,9 +35,7 @@ from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from smine_jax import hostmem  # noqa: E402
+from smine_jax import hostmem
 
 # Before jax runs anything (see the module docstring); --no-malloc-tuning opts out.
 MALLOC_TUNED = "--no-malloc-tuning" not in sys.argv and hostmem.tune_malloc()

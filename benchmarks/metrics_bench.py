@@ -1,6 +1,6 @@
 """Wall-clock and peak memory of ``smine_jax.metrics.evaluate`` on clustered embeddings.
 
-    python benchmarks/metrics_bench.py --sizes 10000,50000,200000 --dim 512 --classes 100
+    python -m benchmarks.metrics_bench --sizes 10000,50000,200000 --dim 512 --classes 100
 
 Each size runs in a fresh subprocess, so its peak resident memory (``ru_maxrss`` of that
 process: data, jax runtime and all) is its own, and its wall-clock is cold: jit compilation
@@ -18,10 +18,12 @@ import json
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 
 TARGET_SIZE, TARGET_SECONDS, TARGET_GIB = 50_000, 60.0, 4.0
+REPO = Path(__file__).resolve().parents[1]
 
 
 def clustered_embeddings(num_rows: int, dim: int, num_classes: int, noise: float, seed: int):
@@ -84,10 +86,10 @@ def main() -> None:
     print("-" * len(header))
     failures = []
     for size in sizes:
-        command = [sys.executable, __file__, "--child", str(size), "--dim", str(args.dim),
-                   "--classes", str(args.classes), "--noise", str(args.noise),
-                   "--seed", str(args.seed)]
-        child = subprocess.run(command, capture_output=True, text=True)
+        command = [sys.executable, "-m", "benchmarks.metrics_bench", "--child", str(size),
+                   "--dim", str(args.dim), "--classes", str(args.classes),
+                   "--noise", str(args.noise), "--seed", str(args.seed)]
+        child = subprocess.run(command, capture_output=True, text=True, cwd=REPO)
         if child.returncode != 0:
             reason = "killed (out of memory?)" if child.returncode < 0 else "failed"
             print(f"{size:>8} {args.dim:>5} {args.classes:>7}  {reason}, "

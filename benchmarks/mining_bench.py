@@ -16,7 +16,7 @@ Data: clustered unit vectors like trained embeddings: N // 50 classes of 50 samp
 dimension, then L2-normalised (method.md §1). Exact and ScaNN brute force are O(N²): above
 --max-quadratic-n rows they print "skipped (O(N²))" unless --force.
 
-    python benchmarks/mining_bench.py --sizes 10000,100000,1000000 --dim 64 --k 128 \\
+    python -m benchmarks.mining_bench --sizes 10000,100000,1000000 --dim 64 --k 128 \\
         --backends exact,scann_bf,scann_tree_ah
 """
 
@@ -29,6 +29,7 @@ import platform
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 
@@ -38,6 +39,7 @@ BACKENDS = {
     "scann_tree_ah": dict(backend="scann", mode="tree_ah"),
 }
 QUADRATIC_BACKENDS = ("exact", "scann_bf")
+REPO = Path(__file__).resolve().parents[1]
 ROWS_PER_CLASS = 50
 NOISE = 0.05
 COLUMNS = (
@@ -168,7 +170,7 @@ def run_parent(args) -> list[dict]:
                     and not args.force):
                 print(f"{_format(size, 9)} {backend.rjust(14)}  skipped (O(N²))", flush=True)
                 continue
-            command = [sys.executable, os.path.abspath(__file__), "--worker",
+            command = [sys.executable, "-m", "benchmarks.mining_bench", "--worker",
                        "--size", str(size), "--backend", backend]
             for name in ("dim", "k", "kappa", "seed", "recall_queries", "num_leaves",
                          "num_leaves_to_search", "reorder_k"):
@@ -176,7 +178,7 @@ def run_parent(args) -> list[dict]:
                     command += [f"--{name.replace('_', '-')}", str(getattr(args, name))]
             try:
                 process = subprocess.run(command, capture_output=True, text=True,
-                                         timeout=args.timeout)
+                                         timeout=args.timeout, cwd=REPO)
             except subprocess.TimeoutExpired:
                 print(f"{_format(size, 9)} {backend.rjust(14)}  timed out after "
                       f"{args.timeout} s", flush=True)
@@ -237,6 +239,4 @@ def main(argv=None) -> None:
 
 
 if __name__ == "__main__":
-    # Let `python benchmarks/mining_bench.py` import the package from a source checkout.
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     main()

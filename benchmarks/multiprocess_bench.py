@@ -2,8 +2,8 @@
 as 1 process with 1 device, 1 process with 2 devices, and 2 processes (jax.distributed on
 127.0.0.1, one CPU device each, Gloo collectives, shards through the filesystem).
 
-    python benchmarks/multiprocess_bench.py --data-dir OMNIGLOT_DIR
-    python benchmarks/multiprocess_bench.py --data-dir DIR --epochs 3 --set train.eval_every=3
+    python -m benchmarks.multiprocess_bench --data-dir OMNIGLOT_DIR
+    python -m benchmarks.multiprocess_bench --data-dir DIR --epochs 3 --set train.eval_every=3
 
 Each setting is `python -m experiments.omniglot --config=experiments/configs/omniglot.py
 --workdir=RUNS/SETTING --config.train.epochs=E ...` (plus XLA_FLAGS / the process flags); the

@@ -1,6 +1,6 @@
 """A PyTorch peer of the `semihard` row: pytorch-metric-learning on the same data and net.
 
-    python benchmarks/pml_peer.py --config=experiments/configs/omniglot.py --workdir=DIR \
+    python -m benchmarks.pml_peer --config=experiments/configs/omniglot.py --workdir=DIR \
         --config.data.dir=PATH/TO/omniglot [--config.seed=S] [--optimizer=adam]
 
 What is the same as `python -m experiments.omniglot` (it reads the same config file and
@@ -47,7 +47,6 @@ from pathlib import Path
 import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
 
 INSTALL_HINT = "pip install torch==2.13.0 pytorch-metric-learning"
 EXIT_USAGE = 2

@@ -1,8 +1,8 @@
 """The validation study of Smart Mining's open choices, on Omniglot.
 
-    python benchmarks/smart_study.py               # screen (resumable), then SMART_STUDY.md
-    python benchmarks/smart_study.py --report-only  # the report from the runs so far
-    python benchmarks/smart_study.py --stages 1     # stage 1 only: its leader is the winner
+    python -m benchmarks.smart_study               # screen (resumable), then SMART_STUDY.md
+    python -m benchmarks.smart_study --report-only  # the report from the runs so far
+    python -m benchmarks.smart_study --stages 1     # stage 1 only: its leader is the winner
 
 Every setting is one run of `--epochs` (default 8) epochs, seed 0, started from the `smart_v1`
 variant (the first version's Smart Mining) plus the setting's overrides, with the validation split
@@ -27,7 +27,7 @@ test classes (every run does); this script never reads them: nothing here is cho
   (`max_step_factor=2`), k = 160 (unless it has it), the calibration share q = 0.25 / 0.75
   (only where κ₀ is calibrated).
 - The winner, the candidate with the best validation R@1 over both stages, is the new default
-  (`python benchmarks/smart_study.py` prints it; the report says so).
+  (`python -m benchmarks.smart_study` prints it; the report says so).
 
 The workdirs (RUNS, default benchmarks/runs/study, git-ignored) are the cache: a finished run
 is skipped, an unfinished one resumes, so the study can be stopped and rerun. The report
@@ -38,19 +38,15 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import math
-import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-sys.path.insert(0, str(REPO / "benchmarks"))
+from . import report, runs, stats
 
-import compare_methods as cm  # noqa: E402
-
-DEFAULT_RUNS = REPO / "benchmarks" / "runs" / "study"
-DEFAULT_REPORT = REPO / "benchmarks" / "SMART_STUDY.md"
+DEFAULT_RUNS = runs.REPO / "benchmarks" / "runs" / "study"
+DEFAULT_REPORT = runs.REPO / "benchmarks" / "SMART_STUDY.md"
 EPOCHS = 8
 SEED = 0
 SCORE = "recall@1"
@@ -71,9 +67,9 @@ class Setting:
     variant: str = "smart_v1"
     overrides: Mapping[str, object] = dataclasses.field(default_factory=dict)
 
-    def flags(self) -> list[str]:
-        return [f"--config.{field}={_flag_value(value)}" for field, value in
-                self.overrides.items()]
+    def assignments(self) -> list[str]:
+        """The overrides as FIELD=VALUE config flags (`runs.train_command`)."""
+        return [f"{field}={_flag_value(value)}" for field, value in self.overrides.items()]
 
 
 def _flag_value(value) -> str:
@@ -117,11 +113,10 @@ def stage_two(best: Setting) -> list[Setting]:
 
 
 def command(setting: Setting, workdir: Path, *, epochs: int, data_dir: Path) -> list[str]:
-    return [sys.executable, "-m", "experiments.omniglot",
-            f"--config={cm.CONFIG}:{setting.variant}", f"--workdir={workdir}",
-            f"--config.seed={SEED}", f"--config.train.epochs={epochs}",
-            "--config.train.eval_every=2", "--config.train.progress=False",
-            f"--config.data.dir={data_dir}", *setting.flags()]
+    """The run of `setting`: its variant and overrides, seed SEED, evaluated every 2 epochs."""
+    return runs.train_command(setting.variant, SEED, workdir=workdir, epochs=epochs,
+                              data_dir=data_dir, eval_every=2,
+                              overrides=setting.assignments())
 
 
 # ----------------------------------------------------------------------------------------------
@@ -160,42 +155,38 @@ def plan(scores: Mapping[str, float], stages: int = 2
 # The report (records in, markdown out).
 
 
-def _numbers(values, fmt="{:.2f}") -> str:
-    shown = [cm.MISSING if v is None or not math.isfinite(v) else fmt.format(v)
-             for v in values]
-    return ", ".join(shown) or cm.MISSING
-
-
 def setting_row(setting: Setting, records: Sequence[Mapping], epochs: int) -> list[str]:
+    """The report's row of one setting: its validation scores and controller per epoch."""
     mining = [r for r in records if r.get("mining")]
-    signal_values = [cm.controller_signal(r)[0] for r in mining]
+    signal_values = [stats.controller_signal(r)[0] for r in mining]
     val = [r for r in records if "val" in r]
     overrides = ", ".join(f"`{k.split('.', 1)[1]}={_flag_value(v)}`"
                           for k, v in setting.overrides.items()) or "—"
     return [f"`{setting.name}`", str(setting.stage), f"`{setting.variant}`", overrides,
-            cm._cell(100 * val_score(records, epochs), "{:.1f}"),
-            _numbers([100 * r["val"][SCORE] for r in val], "{:.1f}"),
-            cm._cell(100 * val[-1]["val"]["map@r"] if val else None, "{:.1f}"),
-            cm._cell(100 * val[-1]["val"]["nmi"] if val else None, "{:.1f}"),
-            _numbers([r["kappa"] for r in mining], "{:.1f}"),
-            _numbers(signal_values),
-            _numbers([100 * r["mined_fraction"] for r in mining], "{:.0f}"),
-            _numbers([100 * r["fallbacks"]["lists_inside_boundary"] / r["anchors"]
-                      for r in mining if "anchors" in r], "{:.0f}")]
+            report.cell(100 * val_score(records, epochs), "{:.1f}"),
+            report.numbers([100 * r["val"][SCORE] for r in val], "{:.1f}"),
+            report.cell(100 * val[-1]["val"]["map@r"] if val else None, "{:.1f}"),
+            report.cell(100 * val[-1]["val"]["nmi"] if val else None, "{:.1f}"),
+            report.numbers([r["kappa"] for r in mining], "{:.1f}"),
+            report.numbers(signal_values),
+            report.numbers([100 * r["mined_fraction"] for r in mining], "{:.0f}"),
+            report.numbers([100 * r["fallbacks"]["lists_inside_boundary"] / r["anchors"]
+                            for r in mining if "anchors" in r], "{:.0f}")]
 
 
-def study_markdown(settings: Sequence[Setting], runs: Mapping[str, list], *, epochs: int,
-                   winner: Setting | None, commands: Sequence[str], data_dir: Path,
-                   stages: int = 2, revisions: Sequence[str] = (),
+def study_markdown(settings: Sequence[Setting], by_setting: Mapping[str, list], *,
+                   epochs: int, winner: Setting | None, commands: Sequence[str],
+                   data_dir: Path, stages: int = 2, revisions: Sequence[str] = (),
                    machines: Sequence[Mapping] = ()) -> str:
-    scores = {s.name: val_score(runs.get(s.name, []), epochs) for s in settings}
+    """SMART_STUDY.md from the settings' records ({setting name: metrics.jsonl records})."""
+    scores = {s.name: val_score(by_setting.get(s.name, []), epochs) for s in settings}
     ranked = sorted(settings, key=lambda s: -scores[s.name] if math.isfinite(scores[s.name])
                     else math.inf)
     header = ["setting", "stage", "variant", "overrides", f"val R@1 at epoch {epochs}",
               "val R@1 per evaluation", "val MAP@R", "val NMI", "κ per mining epoch",
               "controller signal per mining epoch", "mined % per mining epoch",
               "lists ending inside the boundary, % of anchors"]
-    rows = [setting_row(s, runs.get(s.name, []), epochs) for s in ranked]
+    rows = [setting_row(s, by_setting.get(s.name, []), epochs) for s in ranked]
     lines = [GENERATED, "", "# Smart Mining's open choices, screened on validation (Omniglot)",
              "", "Generated by `benchmarks/smart_study.py`; do not edit by hand.", "",
              "## Protocol", "",
@@ -217,17 +208,17 @@ def study_markdown(settings: Sequence[Setting], runs: Mapping[str, list], *, epo
              "- One seed per setting and short runs: differences of about a point are within "
              "seed noise (the 3-seed spread of the 20-epoch rows in RESULTS.md is 0.4–2 "
              "points); the final comparison reruns the winner for 3 seeds × 20 epochs.",
-             f"- Each run: `python -m experiments.omniglot --config={cm.CONFIG}:VARIANT "
+             f"- Each run: `python -m experiments.omniglot --config={runs.CONFIG}:VARIANT "
              f"--workdir=RUNS/SETTING/seed{SEED} --config.seed={SEED} --config.train.epochs="
              f"{epochs} --config.train.eval_every=2 --config.train.progress=False "
              f"--config.data.dir={data_dir} --config.FIELD=VALUE ...` (the overrides column).",
-             *cm._command_lines(commands),
+             *report.command_lines(commands),
              *([f"- Code: commit {', '.join(f'`{r}`' for r in revisions)} "
                 "(`config.json` `git_revision` of the runs)."] if revisions else []),
-             "- Machine(s):", *["  " + line for line in cm._machine_lines(machines)],
+             "- Machine(s):", *["  " + line for line in report.machine_lines(machines)],
              "", "## Every screened setting, best validation R@1 first", "",
-             *cm._table(header, rows)]
-    unfinished = [f"- {s.name}: {len(runs.get(s.name, []))} of {epochs} epochs"
+             *report.table(header, rows)]
+    unfinished = [f"- {s.name}: {len(by_setting.get(s.name, []))} of {epochs} epochs"
                   for s in settings if not math.isfinite(scores[s.name])]
     if unfinished:
         lines += ["", "Unfinished:", "", *unfinished]
@@ -258,11 +249,10 @@ def study_markdown(settings: Sequence[Setting], runs: Mapping[str, list], *, epo
 
 
 def _revisions(runs_dir: Path, settings: Sequence[Setting]) -> list[str]:
-    import json
-
+    """The distinct `git_revision`s of the runs' config.json."""
     revisions = []
     for setting in settings:
-        path = cm.run_dir(runs_dir, setting.name, SEED) / "config.json"
+        path = runs.run_dir(runs_dir, setting.name, SEED) / "config.json"
         if path.is_file():
             revisions.append(json.loads(path.read_text()).get("git_revision") or "?")
     return list(dict.fromkeys(revisions))
@@ -273,20 +263,20 @@ def current_plan(runs_dir: Path, epochs: int, stages: int = 2):
     appears once stage 1 is scored."""
     settings, winner = plan({}, stages)
     while True:
-        runs = {s.name: cm.read_records(cm.run_dir(runs_dir, s.name, SEED) / "metrics.jsonl")
-                for s in settings}
+        by_setting = {s.name: runs.run_records(runs_dir, s.name, SEED) for s in settings}
         grown, winner = plan({name: val_score(records, epochs)
-                              for name, records in runs.items()}, stages)
+                              for name, records in by_setting.items()}, stages)
         if [s.name for s in grown] == [s.name for s in settings]:
-            return settings, winner, runs
+            return settings, winner, by_setting
         settings = grown
 
 
 def write_report(args, commands: Sequence[str]) -> tuple[Path, Setting | None]:
-    settings, winner, runs = current_plan(args.runs_dir, args.epochs, args.stages)
-    machines = [record for s in settings for record in cm.read_records(
-        cm.run_dir(args.runs_dir, s.name, SEED) / "machine.jsonl")]
-    text = study_markdown(settings, runs, epochs=args.epochs, winner=winner,
+    """SMART_STUDY.md from the runs in args.runs_dir; (its path, the winner or None)."""
+    settings, winner, by_setting = current_plan(args.runs_dir, args.epochs, args.stages)
+    machines = [record for s in settings
+                for record in runs.run_records(args.runs_dir, s.name, SEED, "machine.jsonl")]
+    text = study_markdown(settings, by_setting, epochs=args.epochs, winner=winner,
                           commands=commands, data_dir=args.data_dir, stages=args.stages,
                           revisions=_revisions(args.runs_dir, settings), machines=machines)
     from smine_jax import fileio
@@ -298,42 +288,42 @@ def write_report(args, commands: Sequence[str]) -> tuple[Path, Setting | None]:
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--epochs", type=int, default=EPOCHS)
-    parser.add_argument("--data-dir", default=str(cm.DEFAULT_DATA))
+    parser.add_argument("--data-dir", default=str(runs.DEFAULT_DATA))
     parser.add_argument("--runs-dir", default=str(DEFAULT_RUNS))
     parser.add_argument("--report", default=str(DEFAULT_REPORT))
     parser.add_argument("--report-only", action="store_true")
     parser.add_argument("--stages", type=int, choices=(1, 2), default=2,
                         help="1: stage 1's leader is the winner, stage 2 is not run")
     parser.add_argument("--shard", default=None, metavar="I/N",
-                        help="run only every N-th setting from the I-th (compare_methods.py "
+                        help="run only every N-th setting from the I-th (compare_methods "
                              "--shard); rerun once all shards are done for stage 2")
     args = parser.parse_args(argv)
     try:
-        shard, shards = cm.parse_shard(args.shard)
+        shard, shards = runs.parse_shard(args.shard)
     except ValueError as error:
         parser.error(str(error))
     args.runs_dir, args.report = Path(args.runs_dir).absolute(), Path(args.report).absolute()
     args.data_dir = Path(args.data_dir).absolute()
     if not args.report_only and not args.data_dir.is_dir():
         parser.error(f"--data-dir: {args.data_dir} is not a folder (Omniglot)")
-    invocation, history = cm.record_invocation("benchmarks/smart_study.py", argv, args.runs_dir,
-                                               report_only=args.report_only)
+    invocation, history = runs.record_invocation("benchmarks.smart_study", argv, args.runs_dir,
+                                                 report_only=args.report_only)
     failures, stopped = [], False
     if not args.report_only:
         for _ in range(args.stages):  # stage 1, then stage 2 (planned from stage 1's scores)
             settings, _, _ = current_plan(args.runs_dir, args.epochs, args.stages)
             by_name = {s.name: s for s in settings}
-            failures, stopped = cm.run_all(
+            failures, stopped = runs.run_all(
                 [(s.name, SEED) for s in settings][shard::shards], runs_dir=args.runs_dir,
                 epochs=args.epochs,
                 command_for=lambda name, seed, workdir, by_name=by_name: command(
                     by_name[name], workdir, epochs=args.epochs, data_dir=args.data_dir))
             if failures or stopped:
                 break
-    report, winner = write_report(args, cm.distinct_commands(history, invocation))
-    print(f"report: {report}")
+    path, winner = write_report(args, runs.distinct_commands(history, invocation))
+    print(f"report: {path}")
     print(f"winner: {winner.name if winner else '(study not complete)'}")
-    cm.exit_for(failures, stopped)
+    runs.exit_for(failures, stopped)
 
 
 if __name__ == "__main__":

@@ -1,9 +1,9 @@
 """Train-step and embedding-pass throughput of an experiment config, on synthetic images.
 
-    python benchmarks/train_bench.py                       # Omniglot config (small net, 28²)
-    python benchmarks/train_bench.py --config cub          # GoogLeNet, 256² cache -> 224² crops
-    python benchmarks/train_bench.py --variant semihard --steps 10
-    python benchmarks/train_bench.py --xla-flags="--xla_cpu_prefer_vector_width=512"
+    python -m benchmarks.train_bench                       # Omniglot config (small net, 28²)
+    python -m benchmarks.train_bench --config cub          # GoogLeNet, 256² cache -> 224² crops
+    python -m benchmarks.train_bench --variant semihard --steps 10
+    python -m benchmarks.train_bench --xla-flags="--xla_cpu_prefer_vector_width=512"
 
 Builds the experiment's model, train state and jitted train step exactly as the trainer does
 (`train.make_train_step` with the config's objective and on-device augmentation, sharded over
@@ -35,9 +35,6 @@ import time
 from pathlib import Path
 
 import numpy as np
-
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
 CONFIGS = ("omniglot", "cub", "cars196")
 TARGET_IMAGES_PER_S = 1200  # Omniglot on the project's CPU

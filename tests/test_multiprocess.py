@@ -8,18 +8,13 @@ import json
 import re
 import signal
 import subprocess
-import sys
 import time
-from pathlib import Path
 
 import pytest
 from test_experiments import _cli, _epoch_records, _run_cli, _Watcher
 from test_train import make_omniglot_folder
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO_ROOT / "benchmarks"))
-
-import multiprocess_bench as bench  # noqa: E402
+from benchmarks import multiprocess_bench as bench
 
 # A small run with enough steps an epoch (48 at batch 8) to be killed in the middle of one.
 ARGS = ["--config=experiments/configs/omniglot.py:smoke", "--config.data.image_size=48",

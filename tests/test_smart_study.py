@@ -1,18 +1,14 @@
-"""benchmarks/smart_study.py: the screen's plan, its validation-only choice and its report, on
+"""benchmarks.smart_study: the screen's plan, its validation-only choice and its report, on
 synthetic records (the runs themselves are the trainer's, tested elsewhere)."""
 
 from __future__ import annotations
 
 import math
-import sys
 from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "benchmarks"))
-
-import smart_study as study  # noqa: E402
+from benchmarks import smart_study as study
 
 
 def _records(val_r1: float, *, test_r1: float = 0.5, epochs: int = 8) -> list[dict]:

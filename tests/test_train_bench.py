@@ -4,19 +4,13 @@ from __future__ import annotations
 
 import importlib.util
 import json
-from pathlib import Path
 
 import pytest
-
-BENCH = Path(__file__).resolve().parents[1] / "benchmarks" / "train_bench.py"
 
 
 @pytest.fixture(scope="module")
 def train_bench():
-    spec = importlib.util.spec_from_file_location("train_bench", BENCH)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return importlib.import_module("benchmarks.train_bench")
 
 
 @pytest.mark.parametrize("variant, images_per_step", [("smoke", 96), ("smoke,semihard", 64)])

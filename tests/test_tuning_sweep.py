@@ -1,20 +1,17 @@
-"""benchmarks/tuning_sweep.py: the equal grid of every variant, the validation-only choice and
-its hand-over to compare_methods.py --tuned, on synthetic records."""
+"""benchmarks.tuning_sweep: the equal grid of every variant, the validation-only choice and
+its hand-over to compare_methods --tuned, on synthetic records."""
 
 from __future__ import annotations
 
 import json
 import math
-import sys
 from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "benchmarks"))
-
-import compare_methods as cm  # noqa: E402
-import tuning_sweep as sweep  # noqa: E402
+from benchmarks import compare_methods as cm
+from benchmarks import runs
+from benchmarks import tuning_sweep as sweep
 
 
 def _records(val_r1: float, epochs: int = 8) -> list[dict]:
@@ -37,7 +34,7 @@ def test_every_variant_gets_the_same_grid_on_its_own_margin():
     npairs = sweep.grid("npairs", learning_rates=(0.01, 0.1))
     assert [c.overrides for c in npairs] == [{"optimizer.learning_rate": 0.1},
                                              {"optimizer.learning_rate": 0.01}]
-    names = [c.name for v in cm.VARIANTS for c in sweep.grid(v)]
+    names = [c.name for v in runs.VARIANTS for c in sweep.grid(v)]
     assert len(names) == len(set(names))
 
 
@@ -62,7 +59,7 @@ def test_the_choice_reads_validation_only_and_waits_for_the_whole_grid():
 def test_report_only_writes_the_report_and_the_tuned_file(tmp_path):
     cells = sweep.grid("npairs", learning_rates=(0.01, 0.03))
     for value, cell in zip((0.5, 0.7), cells, strict=True):
-        path = cm.run_dir(tmp_path / "runs", cell.name, 0) / "metrics.jsonl"
+        path = runs.run_dir(tmp_path / "runs", cell.name, 0) / "metrics.jsonl"
         path.parent.mkdir(parents=True)
         path.write_text("".join(json.dumps(r) + "\n" for r in _records(value)))
     tuned_path = tmp_path / "tuned.json"
