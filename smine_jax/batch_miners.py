@@ -48,7 +48,14 @@ SEMIHARD_FALLBACKS = ("largest", "invalid")
 
 
 class BatchTriplets(NamedTuple):
-    """Triplets as indices into one batch; only slots with ``valid`` True are triplets."""
+    """Triplets as row indices into one batch; only slots with ``valid`` True are triplets.
+
+    Attributes:
+      anchor: i32[S] anchor rows in [0, B).
+      positive: i32[S] positive rows in [0, B) (the anchor's own row in invalid slots).
+      negative: i32[S] negative rows in [0, B) (the anchor's own row in invalid slots).
+      valid: bool[S], the slots that are triplets; pass it as the loss's ``mask``.
+    """
 
     anchor: jax.Array  # int32 [S]
     positive: jax.Array  # int32 [S]
@@ -73,22 +80,35 @@ def semihard_triplets(embeddings, labels, *, margin=0.2, mask=None,
     - ``fallback="invalid"``: keep only true semi-hard triplets, d(a,p) < d(a,n) < d(a,p) + margin
       (FaceNet's band); every other slot is invalid.
 
-    A slot is also invalid when the anchor has no negative in the batch.
+    A slot is also invalid when the anchor has no negative in the batch. Jit-compatible.
 
     Args:
-      embeddings: [B, D] float array.
-      labels: [B] integer class labels.
+      embeddings: [B, D] real array (any float dtype; used as float32).
+      labels: int[B] class labels (arbitrary integers; re-indexed on the host when concrete).
       margin: FaceNet's alpha, in squared-distance units, >= 0 (``inf`` allowed). It bounds the
         semi-hard band and matters only for ``fallback="invalid"``: under the TF-Addons rule the
         selected negative is the same whatever the margin (the closest negative beyond d(a, p)
         lies in the band whenever the band holds any negative).
-      mask: optional bool [B]; False marks padded rows.
-      fallback: "largest" or "invalid", see above.
-      kappa: optional exclusion boundary (module docstring): skipped negatives are neither
-        semi-hard candidates nor the fallback.
+      mask: optional bool[B]; False marks padded rows, which never serve as anchor, positive or
+        negative (None: every row is real).
+      fallback: "largest" (default) or "invalid" (static): what a slot without a semi-hard
+        negative becomes, described above.
+      kappa: optional κ >= 0, a scalar (may be traced): Smart Mining's exclusion boundary inside
+        the batch. A negative n of anchor a with d²(a, n) < κ · d²(a, p⁺), p⁺ the anchor's nearest
+        positive in the batch, is skipped (Eq. 6 with the batch as the neighbour list). None or 0:
+        no negative is skipped. Skipped negatives are neither semi-hard candidates nor
+        the fallback.
 
     Returns:
-      ``BatchTriplets`` with B * B slots.
+      ``BatchTriplets`` of S slots: anchor, positive, negative i32[S] row indices in [0, B) (an
+      invalid slot holds the anchor's own index in positive and negative) and valid bool[S].
+      S = B * B.
+
+    Raises:
+      ValueError: naming the argument: ``embeddings`` not 2-D real (or, when concrete, holding
+        NaN/inf); ``labels`` not integer of shape [B]; ``mask`` not bool[B]; ``kappa`` not a
+        scalar or (concrete) negative or not finite;
+        ``fallback`` unknown; a concrete ``margin`` negative or NaN.
     """
     if fallback not in SEMIHARD_FALLBACKS:
         raise ValueError(f"fallback: expected one of {SEMIHARD_FALLBACKS}, got {fallback!r}")
@@ -105,15 +125,27 @@ def batch_hard_triplets(embeddings, labels, *, mask=None, kappa=None) -> BatchTr
     closest negative (other class); ties go to the lowest index. The slot is invalid when the
     anchor is padded or has no positive or no negative in the batch. Squared distances pick the
     same samples as plain ones (the square root is monotone) without rounding ties apart.
+    Jit-compatible.
 
     Args:
-      embeddings: [B, D] float array.
-      labels: [B] integer class labels.
-      mask: optional bool [B]; False marks padded rows.
-      kappa: optional exclusion boundary (module docstring): the closest negative beyond it.
+      embeddings: [B, D] real array (any float dtype; used as float32).
+      labels: int[B] class labels (arbitrary integers; re-indexed on the host when concrete).
+      mask: optional bool[B]; False marks padded rows, which never serve as anchor, positive or
+        negative (None: every row is real).
+      kappa: optional κ >= 0, a scalar (may be traced): Smart Mining's exclusion boundary inside
+        the batch. A negative n of anchor a with d²(a, n) < κ · d²(a, p⁺), p⁺ the anchor's nearest
+        positive in the batch, is skipped (Eq. 6 with the batch as the neighbour list). None or 0:
+        no negative is skipped. The closest negative beyond the boundary is taken.
 
     Returns:
-      ``BatchTriplets`` with B slots.
+      ``BatchTriplets`` of S slots: anchor, positive, negative i32[S] row indices in [0, B) (an
+      invalid slot holds the anchor's own index in positive and negative) and valid bool[S].
+      S = B.
+
+    Raises:
+      ValueError: naming the argument: ``embeddings`` not 2-D real (or, when concrete, holding
+        NaN/inf); ``labels`` not integer of shape [B]; ``mask`` not bool[B]; ``kappa`` not a
+        scalar or (concrete) negative or not finite.
     """
     _check_kappa(kappa)
     embeddings, labels, mask = _prepare(embeddings, labels, mask)
@@ -140,20 +172,34 @@ def distance_weighted_triplets(key, embeddings, labels, *, cutoff=0.5, nonzero_l
     used as given, not normalised here. Each slot draws by inverse CDF: one uniform per slot,
     searched in the anchor's cumulative weights, O(B^2) work and memory. (Gumbel-max, i.e.
     ``jax.random.categorical``, would need B noise values per slot, B^3 in all: ~90x slower at
-    B = 128 on CPU even one anchor at a time.)
+    B = 128 on CPU even one anchor at a time.) Jit-compatible.
 
     Args:
-      key: a jax PRNG key.
-      embeddings: [B, D] float array, rows of unit length.
-      labels: [B] integer class labels.
-      cutoff: lower clip of d in the weights, > 0 (reference: 0.5).
-      nonzero_loss_cutoff: only negatives closer than this are eligible, > cutoff (reference: 1.4).
-      mask: optional bool [B]; False marks padded rows.
-      kappa: optional exclusion boundary (module docstring): skipped negatives are never drawn
-        (they count as no negative at all).
+      key: a jax PRNG key (may be traced).
+      embeddings: [B, D] real array (any float dtype; used as float32),
+        rows of unit length.
+      labels: int[B] class labels (arbitrary integers; re-indexed on the host when concrete).
+      cutoff: lower clip of d in the weights, a scalar > 0 (reference: 0.5); may be traced.
+      nonzero_loss_cutoff: only negatives closer than this are eligible, a scalar > cutoff
+        (reference: 1.4; ``inf`` allowed); may be traced.
+      mask: optional bool[B]; False marks padded rows, which never serve as anchor, positive or
+        negative (None: every row is real).
+      kappa: optional κ >= 0, a scalar (may be traced): Smart Mining's exclusion boundary inside
+        the batch. A negative n of anchor a with d²(a, n) < κ · d²(a, p⁺), p⁺ the anchor's nearest
+        positive in the batch, is skipped (Eq. 6 with the batch as the neighbour list). None or 0:
+        no negative is skipped. Skipped negatives are never drawn (they count as no
+        negative at all).
 
     Returns:
-      ``BatchTriplets`` with B * B slots.
+      ``BatchTriplets`` of S slots: anchor, positive, negative i32[S] row indices in [0, B) (an
+      invalid slot holds the anchor's own index in positive and negative) and valid bool[S].
+      S = B * B.
+
+    Raises:
+      ValueError: naming the argument: ``embeddings`` not 2-D real (or, when concrete, holding
+        NaN/inf); ``labels`` not integer of shape [B]; ``mask`` not bool[B]; ``kappa`` not a
+        scalar or (concrete) negative or not finite;
+        a concrete ``cutoff`` not > 0, or ``nonzero_loss_cutoff`` not > ``cutoff``.
     """
     _check_scalar(cutoff, "cutoff", lower=0.0, strict=True)
     _check_kappa(kappa)
@@ -173,21 +219,35 @@ def all_triplets(embeddings, labels, *, positives_per_anchor: int, mask=None,
     """Every valid triplet of the batch: each anchor with each of its positives and negatives.
 
     Slot ``(a * P + j) * B + n`` pairs anchor a with its j-th positive (its same-class rows other
-    than itself in ascending index order; P = ``positives_per_anchor``, static) and row n as the
+    than itself in ascending index order; P = ``positives_per_anchor``) and row n as the
     negative; it is valid when a and n are real rows of different classes, the j-th positive
     exists and n is not skipped by ``kappa``. With m-per-class batches P = m - 1 covers every
     positive; an anchor with more positives uses its first P. O(B² P) slots and memory, never
     B³: feed them to ``losses.indexed_triplet_objective``, which gathers two scalars per slot.
+    Jit-compatible.
 
     Args:
-      embeddings: [B, D] float array (used only for the ``kappa`` boundary).
-      labels: [B] integer class labels.
-      positives_per_anchor: P >= 1.
-      mask: optional bool [B]; False marks padded rows.
-      kappa: optional exclusion boundary (module docstring).
+      embeddings: [B, D] real array (any float dtype; used as float32);
+        used only for the ``kappa`` boundary.
+      labels: int[B] class labels (arbitrary integers; re-indexed on the host when concrete).
+      positives_per_anchor: P >= 1 positives per anchor (static Python int).
+      mask: optional bool[B]; False marks padded rows, which never serve as anchor, positive or
+        negative (None: every row is real).
+      kappa: optional κ >= 0, a scalar (may be traced): Smart Mining's exclusion boundary inside
+        the batch. A negative n of anchor a with d²(a, n) < κ · d²(a, p⁺), p⁺ the anchor's nearest
+        positive in the batch, is skipped (Eq. 6 with the batch as the neighbour list). None or 0:
+        no negative is skipped.
 
     Returns:
-      ``BatchTriplets`` with B * P * B slots.
+      ``BatchTriplets`` of S slots: anchor, positive, negative i32[S] row indices in [0, B) (an
+      invalid slot holds the anchor's own index in positive and negative) and valid bool[S].
+      S = B * P * B.
+
+    Raises:
+      ValueError: naming the argument: ``embeddings`` not 2-D real (or, when concrete, holding
+        NaN/inf); ``labels`` not integer of shape [B]; ``mask`` not bool[B]; ``kappa`` not a
+        scalar or (concrete) negative or not finite;
+        ``positives_per_anchor`` not a positive integer.
     """
     positives_per_anchor = validation.positive_int(positives_per_anchor, "positives_per_anchor",
                                                    whole_floats=True)

@@ -219,16 +219,45 @@ class ControllerState:
 
 
 def init(config=None, **overrides) -> ControllerState:
-    """The controller state before the first epoch.
+    """The κ controller's state before the first epoch (method.md §3), from a config or keywords.
+
+    The trainer keeps the state in its train state and calls ``update`` after every epoch;
+    ``state.kappa`` is the κ to mine the next epoch with. Host-side (the settings become the
+    static ``ControllerConfig``); the result is a pytree that passes through ``jax.jit``.
 
     Args:
-      config: a ``ControllerConfig``, an ``ml_collections.ConfigDict``, a mapping of
-        ``ControllerConfig`` fields, or None (defaults).
-      **overrides: ``ControllerConfig`` fields; they take precedence over ``config``.
+      config: the settings: a ``ControllerConfig``, an ``ml_collections.ConfigDict`` (e.g.
+        ``config.controller``), a mapping of ``ControllerConfig`` field names to values, or None
+        (all defaults). Never traced.
+      **overrides: ``ControllerConfig`` fields by name (policy, target_error, error_on, window,
+        kappa_init, kappa_init_share, kappa_random, kappa_min, kappa_max, random_epochs,
+        degenerate_factor, min_slope, negative_slope_only, tolerance, max_step_factor,
+        manual_halve_every); they take precedence over ``config``.
+
+    Returns:
+      ``ControllerState`` (a ``flax.struct`` pytree) with epoch = 0, an empty history and
+      ``kappa`` the κ of epoch 1 (``kappa_random``, or ``kappa_max`` when that is None, if
+      ``random_epochs`` > 0; else κ₀, NaN for ``kappa_init="auto"`` until ``set_initial_kappa``).
+      Fields:
+        kappa: f32[] the κ of the next epoch;
+        kappa_start: f32[] κ₀ of the first mining epoch (NaN until calibrated for "auto");
+        epoch: i32[] epochs completed;
+        kappas, errors: f32[W] the recorded (κ, e) history, oldest first (W = ``window``);
+        count: i32[] valid history entries (the last ``count``), at most W;
+        slope, intercept: f32[] the last least-squares fit κ = α·e + β (NaN when undefined);
+        used_fit: bool[] whether ``kappa`` came from the fit;
+        config: the static ``ControllerConfig``.
 
     Raises:
-      ValueError: unknown field names (all of them are listed) or invalid values (naming the
-        field).
+      ValueError: ``config`` of another type, or unknown field names (all of them are listed);
+        an invalid value, naming the field (e.g. ``target_error`` outside (0, 1), ``window`` < 2,
+        ``kappa_max`` < ``kappa_min``, ``policy`` not "adaptive" or "manual").
+
+    Example:
+      >>> from smine_jax import controller
+      >>> state = controller.init(kappa_init=16.0, random_epochs=0)
+      >>> float(state.kappa), int(state.epoch)
+      (16.0, 0)
     """
     if isinstance(config, ControllerConfig):
         fields = dataclasses.asdict(config)
@@ -285,21 +314,48 @@ def _check_error(name: str, value) -> None:
 
 
 def update(state: ControllerState, training_error, mined_error=None) -> ControllerState:
-    """Records the finished epoch's (κ, error) and sets ``state.kappa`` for the next.
+    """Records the finished epoch's (κ, error) and sets ``state.kappa`` for the next (method.md §3).
 
-    Pure and jit-compatible. Call it once after every epoch, random-only epochs included.
+    Call it once after every epoch, random-only epochs included. In a mining epoch of the
+    adaptive policy, κ_next comes from the least-squares line κ = α·e + β (Eq. 7) through the last
+    W (κ, e) points, evaluated at the target error (Eq. 8) and clipped to [kappa_min, kappa_max];
+    a degenerate fit steps κ by ``degenerate_factor`` towards the target instead. Pure and
+    jit-compatible: ``training_error`` and ``mined_error`` may be traced (then a non-finite error
+    is left out of the history and κ kept instead of raising).
 
     Args:
-      state: the ``ControllerState`` the finished epoch used (its ``kappa`` is the κ recorded,
-        or ``kappa_random`` for a random-only epoch).
-      training_error: scalar in [0, 1], the epoch's training error (mean over batches of the
-        fraction of triplets with J_t > 0, method.md §1); the signal of ``error_on="all"``.
-      mined_error: scalar in [0, 1] or None, the same fraction over the epoch's mined
-        triplets only (None: nothing was mined); the signal of ``error_on="mined"``.
+      state: the ``ControllerState`` the finished epoch used (from ``init`` or the previous
+        ``update``; its ``kappa`` is the κ recorded, ``kappa_random`` for a random-only epoch).
+      training_error: scalar in [0, 1] (Python float or f32[]), the epoch's training error: the
+        fraction of triplets with J_t > 0 (method.md §1), averaged over the epoch's batches. The
+        signal of ``error_on="all"``.
+      mined_error: scalar in [0, 1] or None: the same fraction over the epoch's mined triplets
+        only, or None when nothing was mined (with ``error_on="mined"`` no point is then recorded
+        and κ is lowered). The signal of ``error_on="mined"``. None versus a value is a static
+        (Python-level) choice under jit.
+
+    Returns:
+      A new ``ControllerState`` (the input is not modified): epoch + 1, the history extended by
+      the (κ used, signal) point when one was measured, the new fit and κ. Fields:
+        kappa: f32[] the κ of the next epoch;
+        kappa_start: f32[] κ₀ of the first mining epoch (NaN until calibrated for "auto");
+        epoch: i32[] epochs completed;
+        kappas, errors: f32[W] the recorded (κ, e) history, oldest first (W = ``window``);
+        count: i32[] valid history entries (the last ``count``), at most W;
+        slope, intercept: f32[] the last least-squares fit κ = α·e + β (NaN when undefined);
+        used_fit: bool[] whether ``kappa`` came from the fit;
+        config: the static ``ControllerConfig``.
 
     Raises:
-      ValueError: naming ``state``, ``training_error`` or ``mined_error`` (not a scalar,
-        non-finite, outside [0, 1]); value checks only run on concrete (non-traced) errors.
+      ValueError: ``state`` not a ``ControllerState``; ``training_error`` or ``mined_error`` not a
+        scalar, or (concrete values only) not a finite real number in [0, 1].
+
+    Example:
+      >>> from smine_jax import controller
+      >>> state = controller.init(kappa_init=16.0, random_epochs=0)
+      >>> state = controller.update(state, training_error=0.4, mined_error=0.9)
+      >>> int(state.epoch), float(state.kappa)
+      (1, 32.0)
     """
     if not isinstance(state, ControllerState):
         raise ValueError(f"state: expected a ControllerState, got {type(state).__name__}")
@@ -423,8 +479,19 @@ def needs_initial_kappa(state: ControllerState) -> bool:
 
 
 def set_initial_kappa(state: ControllerState, kappa) -> ControllerState:
-    """The state with κ₀ = ``kappa`` clipped to [kappa_min, kappa_max] as the next epoch's κ and
-    the start of the manual schedule (a non-finite ``kappa`` becomes kappa_max)."""
+    """The state with κ₀ = ``kappa`` as the next epoch's κ and the start of the manual schedule.
+
+    Used once, at the first mining epoch of ``kappa_init="auto"`` (see ``needs_initial_kappa``),
+    with the κ₀ of ``calibrate_kappa``.
+
+    Args:
+      state: a ``ControllerState``.
+      kappa: κ₀, a scalar (Python float or f32[]); clipped to [kappa_min, kappa_max], a NaN
+        becomes kappa_max (+inf clips to kappa_max).
+
+    Returns:
+      ``ControllerState`` with ``kappa`` and ``kappa_start`` set to the clipped f32[] κ₀.
+    """
     config = state.config
     kappa = jnp.asarray(kappa, jnp.float32)
     kappa = jnp.where(jnp.isnan(kappa), config.kappa_max,
@@ -433,9 +500,17 @@ def set_initial_kappa(state: ControllerState, kappa) -> ControllerState:
 
 
 def kappa_for_share(ratios, share):
-    """The largest κ at which a share ``share`` of the anchors has ``ratio >= κ``: the
-    ⌈share · A⌉-th largest of ``ratios`` (f32[A], from ``mining.boundary_ratios``); 0 for A = 0.
-    Jit-compatible (``share`` may be traced)."""
+    """f32[]: the largest κ at which a share ``share`` of the anchors has ``ratio >= κ``.
+
+    The step of ``calibrate_kappa`` after ``mining.boundary_ratios``. Jit-compatible.
+
+    Args:
+      ratios: f32[A] per-anchor ratios from ``mining.boundary_ratios`` (any shape is flattened).
+      share: q in (0, 1] (may be traced; not checked here).
+
+    Returns:
+      f32[] the ⌈share · A⌉-th largest ratio; 0 for A = 0.
+    """
     ratios = jnp.asarray(ratios, jnp.float32).reshape(-1)
     if ratios.shape[0] == 0:
         return jnp.float32(0.0)
@@ -446,15 +521,50 @@ def kappa_for_share(ratios, share):
 
 def calibrate_kappa(neighbour_ids, neighbour_sq_dists, labels, *, share=0.5, anchor_ids=None,
                     chunk_size: int = 2048):
-    """κ₀ such that a share ``share`` of the anchors has a valid negative in its list
-    (method.md §3).
+    """κ₀ such that a share ``share`` of the anchors has a valid negative (method.md §3).
 
-    Per anchor, the largest κ at which its list still holds a valid negative is
-    r = d²(farthest negative after p⁺ᴺᴺ) / d²(p⁺ᴺᴺ) (``mining.boundary_ratios``: 0 without
-    p⁺ᴺᴺ or a negative after it); κ₀ is the largest κ with a share ``share`` of the anchors at
-    r >= κ. Not clipped (``set_initial_kappa`` clips). r grows with the list length k, so k and
-    κ₀ are chosen together. Arguments as ``mining.sample_triplets``; ValueError naming the
-    argument for bad input, including ``share`` outside (0, 1].
+    The first mining epoch's κ for ``kappa_init="auto"``: per anchor, the largest κ at which its
+    list still holds a valid negative is r = d²(farthest negative after p⁺ᴺᴺ) / d²(p⁺ᴺᴺ)
+    (``mining.boundary_ratios``; 0 without p⁺ᴺᴺ or a negative after it); κ₀ is the largest κ with
+    a share ``share`` of the anchors at r >= κ, i.e. the ⌈share · A⌉-th largest r. Not clipped
+    (``set_initial_kappa`` clips). r grows with the list length k, so k and κ₀ are chosen
+    together. Pure and jit-compatible.
+
+    Args:
+      neighbour_ids: int[A, k], k >= 1 (any integer dtype, used as int32), row r the k nearest
+        OTHER samples of anchor ``anchor_ids[r]`` (of sample r when ``anchor_ids`` is None, then
+        A = N), ascending by distance: the ``ids`` of ``index.neighbours``. Ids in [0, N), never
+        the row's own anchor. May be traced.
+      neighbour_sq_dists: float[A, k] (used as float32) squared Euclidean distances of those
+        entries: same shape as ``neighbour_ids``, finite, each row ascending. May be traced.
+      labels: int[N] class labels of all N training samples (arbitrary integers). Concrete labels
+        need N >= 3, two classes and a class of >= 2 samples; traced labels are unchecked.
+      share: q in (0, 1], the share of anchors that must keep a valid negative: a Python or
+        numpy float (checked), or a traced f32[] under jit (unchecked).
+      anchor_ids: optional int[A] sample ids in [0, N) of the rows (default None: row r is sample
+        r), e.g. one process's anchors.
+      chunk_size: anchor rows processed together, >= 1 (static Python int); no effect on the
+        result.
+
+    Returns:
+      f32[] κ₀ >= 0: 0 when fewer than a share ``share`` of the anchors have any valid negative
+      (and for A = 0); +inf when that anchor's p⁺ᴺᴺ is a duplicate (d² = 0).
+
+    Raises:
+      ValueError: naming the argument: ``share`` outside (0, 1] or not a real number;
+        ``neighbour_ids`` not a 2-D integer array, an id outside [0, N) or a row listing its own
+        anchor, or A != N without ``anchor_ids``; ``neighbour_sq_dists`` of another shape, not
+        float, not finite or not ascending; ``labels`` not 1-D integer or without two classes and
+        a class of two; ``anchor_ids`` not of shape [A] or outside [0, N). Value checks run on
+        concrete inputs only.
+
+    Example:
+      >>> import numpy as np
+      >>> from smine_jax import controller
+      >>> ids = np.array([[1, 2], [0, 2], [1, 0]])
+      >>> sq_dists = np.array([[1.0, 4.0], [1.0, 2.0], [2.0, 4.0]])
+      >>> float(controller.calibrate_kappa(ids, sq_dists, np.array([0, 0, 1]), share=0.5))
+      2.0
     """
     from smine_jax import mining
 

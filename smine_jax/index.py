@@ -120,15 +120,43 @@ def _fsync_directory(directory: str) -> None:
 
 
 def write_shard(directory, embeddings, labels, ids, *, shard: int, num_shards: int) -> str:
-    """Writes one shard of an embedding dump atomically; returns the path of its manifest.
+    """Writes one process's shard of an embedding dump atomically; returns its manifest's path.
+
+    Each epoch every process embeds its part of the training set and writes it here; the index
+    reads all shards back with ``read_shards``. Files are written under temporary names and
+    renamed, the manifest last (an older manifest of the same shard is removed first), so a
+    killed writer never leaves a shard that ``read_shards`` would accept. Host-side I/O.
 
     Args:
-      directory: the dump directory (created if missing); all shards of a dump share it.
-      embeddings: [n, D] finite float array (stored float32).
-      labels: [n] integer class labels (stored int32).
-      ids: [n] integer global sample ids, unique within the dump (stored int64).
-      shard: this shard's index, 0 <= shard < num_shards.
-      num_shards: how many shards the complete dump has.
+      directory: str or path-like, the dump directory (created if missing); all shards of one
+        dump share it.
+      embeddings: [n, D] real array (numpy or jax), every entry finite, D >= 1; n = 0 is allowed
+        (a process without samples). Stored as float32.
+      labels: int[n] class labels, values within int32 (stored as int32).
+      ids: int[n] global sample ids, unique within the dump (stored as int64); ``read_shards``
+        sorts the rows by them.
+      shard: this shard's index, an int with 0 <= shard < num_shards.
+      num_shards: how many shards the complete dump has, an int >= 1.
+
+    Returns:
+      str, the path of the shard's manifest, ``<directory>/shard-SSSSS-of-NNNNN.shard.json``
+      (next to it: ``.embeddings.npy`` f32[n, D], ``.labels.npy`` i32[n], ``.ids.npy`` i64[n]).
+
+    Raises:
+      ValueError: naming the argument: ``shard`` or ``num_shards`` not an integer, or not
+        0 <= shard < num_shards >= 1; ``embeddings`` not 2-D real, D = 0, or holding NaN/inf;
+        ``labels`` not int[n] or outside int32; ``ids`` not int[n] or repeating an id.
+      OSError: the directory or a file cannot be written.
+
+    Example:
+      >>> import tempfile, numpy as np
+      >>> from smine_jax import index
+      >>> workdir = tempfile.TemporaryDirectory()
+      >>> path = index.write_shard(workdir.name, np.zeros((2, 3)), np.array([0, 1]),
+      ...                          np.array([10, 11]), shard=0, num_shards=1)
+      >>> path.endswith("shard-00000-of-00001.shard.json")
+      True
+      >>> workdir.cleanup()
     """
     shard, num_shards = _check_shard_index(shard, num_shards)
     # A process of a multi-host run may own no samples: an empty shard is valid.
@@ -235,11 +263,23 @@ def _open_shard_arrays(directory: str, manifest_path: str, manifest: dict,
 
 
 def wait_for_shards(directory, num_shards: int, *, timeout: float, poll: float = 0.2) -> None:
-    """Returns once every shard 0..num_shards-1 of the dump has its manifest in `directory`.
+    """Returns once every shard 0..num_shards-1 of the dump has its manifest in ``directory``.
 
-    Several processes each write their own shard into a shared workdir; one that cannot see
-    the others' shards after `timeout` seconds is not sharing that folder with them. Raises
-    ShardError naming the first missing manifest's path and that requirement.
+    Several processes each write their own shard into a shared workdir; one that cannot see the
+    others' shards after ``timeout`` seconds is not sharing that folder with them.
+
+    Args:
+      directory: str or path-like, the dump directory.
+      num_shards: shards of the complete dump, an int >= 1.
+      timeout: seconds to wait at most (float).
+      poll: seconds between looks (float, default 0.2).
+
+    Returns:
+      None, once all manifests exist.
+
+    Raises:
+      ValueError: ``num_shards`` not an integer >= 1.
+      ShardError: after ``timeout`` seconds, naming the first missing manifest's path.
     """
     _check_shard_index(0, num_shards)
     directory = os.fspath(directory)
@@ -260,16 +300,40 @@ def wait_for_shards(directory, num_shards: int, *, timeout: float, poll: float =
 
 
 def read_shards(directory, *, verify_checksums: bool = True):
-    """Loads a complete embedding dump, rows sorted by sample id.
+    """Loads a complete embedding dump written by ``write_shard``, rows sorted by sample id.
 
-    Refuses (`ShardError`, a ValueError naming the offending path) when a shard of
-    0..num_shards-1 is missing or appears twice, shards disagree on num_shards or on the
-    embedding dimension, a file is truncated or corrupted, or a sample id repeats. Half-written
-    temporary files of a killed writer are ignored. Arrays are memory-mapped and copied once,
-    into the sorted output.
+    The index's input each epoch: all processes' shards, checked and merged. Refuses a dump that
+    cannot be trusted: a shard of 0..num_shards-1 missing or present twice, shards disagreeing
+    on num_shards or on the embedding dimension, a file truncated or corrupted, or a sample id
+    repeated. Half-written temporary files of a killed writer are ignored. Arrays are
+    memory-mapped and copied once, into the sorted output. Host-side I/O.
+
+    Args:
+      directory: str or path-like, the dump directory.
+      verify_checksums: check every file's CRC32 against its manifest (default True; False reads
+        faster and still checks sizes, dtypes and shapes).
 
     Returns:
-      (embeddings f32[N, D], labels i32[N], ids i64[N]), sorted by ascending id.
+      (embeddings, labels, ids): host numpy arrays embeddings f32[N, D], labels i32[N] and ids
+      i64[N], N the total rows of all shards, sorted by ascending id.
+
+    Raises:
+      ShardError: (a ValueError) naming the offending path: no such directory, no manifest in
+        it, an unreadable manifest, or any of the inconsistencies above.
+
+    Example:
+      >>> import tempfile, numpy as np
+      >>> from smine_jax import index
+      >>> workdir = tempfile.TemporaryDirectory()
+      >>> directory = workdir.name
+      >>> embeddings = np.eye(4, 3, dtype=np.float32)
+      >>> for shard, rows in enumerate([[2, 3], [0, 1]]):
+      ...     _ = index.write_shard(directory, embeddings[rows], np.array([0, 1]),
+      ...                           np.array(rows), shard=shard, num_shards=2)
+      >>> embeddings, labels, ids = index.read_shards(directory)
+      >>> embeddings.shape, labels.dtype, ids.tolist()
+      ((4, 3), dtype('int32'), [0, 1, 2, 3])
+      >>> workdir.cleanup()
     """
     directory = os.fspath(directory)
     if not os.path.isdir(directory):
@@ -584,7 +648,33 @@ class NeighbourIndex:
 
 
 def build_index(embeddings, k: int, *, backend: str = "exact", **options) -> NeighbourIndex:
-    """Validates the inputs and builds the index of `backend` (see `neighbours` for options)."""
+    """Validates the inputs and builds a reusable ``NeighbourIndex`` of ``backend`` over the rows.
+
+    ``neighbours`` is ``build_index(...).search(query_ids)``; build once to search several subsets
+    of rows. Host-side.
+
+    Args:
+      embeddings: [N, D] real array (numpy or jax), N >= 2, every entry finite.
+      k: neighbours per row, an int with 1 <= k <= N − 1.
+      backend: "exact" (default) or "scann".
+      **options: backend options. exact: ``chunk_size`` (queries per chunk, a positive int;
+        default: a [chunk, N] distance block of ~128 MiB). scann: ``mode`` ("brute_force", the
+        default, or "tree_ah"), ``num_threads`` (default: the cores this process may use),
+        ``batch_size`` (queries per parallel batch, 256), and for "tree_ah" only ``num_leaves``
+        (≈ √N), ``num_leaves_to_search``, ``reorder_k`` (>= k + 1), ``training_sample_size``,
+        ``dims_per_block`` (defaults in ``scann_config``); each a positive int.
+
+    Returns:
+      ``NeighbourIndex``; its ``search(query_ids=None)`` returns (ids i32[Q, k], sq_dists
+      f32[Q, k]) host arrays as ``neighbours`` describes.
+
+    Raises:
+      ValueError: naming the argument: ``embeddings`` not a non-empty 2-D real array or holding
+        NaN/inf; ``k`` not an integer in [1, N − 1]; ``backend`` unknown; an unknown or
+        out-of-range option.
+      ImportError: ``backend="scann"`` and ScaNN cannot be imported.
+      RuntimeError: ScaNN could not build its index.
+    """
     if backend not in BACKENDS:
         raise ValueError(f"backend: expected one of {BACKENDS}, got {backend!r}")
     database = np.ascontiguousarray(validation.as_embeddings(embeddings))
@@ -615,18 +705,49 @@ def _exact_candidates(database: np.ndarray, k: int, chunk_size: int | None,
 def neighbours(embeddings, k: int, *, backend: str = "exact", query_ids=None, **options):
     """For each query row, its k nearest OTHER rows by squared Euclidean distance (method.md §2).
 
+    The per-epoch neighbour lists S_i that smart mining walks (``mining.sample_triplets``). A row
+    is never its own neighbour (excluded by id, not by distance: datasets hold duplicates); ties
+    are ordered by lower id. The distances of the returned ids are recomputed in float32 in the
+    difference form ‖q − x‖², so both backends give bit-identical distances for equal lists.
+    Host-side (inputs copied to the host, results are host numpy arrays); not for use inside
+    ``jax.jit``.
+
     Args:
-      embeddings: [N, D] finite float array (numpy or jax).
-      k: neighbours per row, 1 <= k <= N - 1 (ValueError otherwise).
-      backend: "exact" (device, chunked matrix products) or "scann" (host).
-      query_ids: optional [Q] rows to search for (default all N), e.g. one process's anchors.
-      **options: exact: ``chunk_size``. scann: ``mode`` ("brute_force" | "tree_ah"),
-        ``num_threads``, ``batch_size``, and for tree_ah ``num_leaves``,
-        ``num_leaves_to_search``, ``reorder_k``, ``training_sample_size``,
-        ``dims_per_block`` (defaults in `scann_config`). Unknown options raise ValueError.
+      embeddings: [N, D] real array (numpy or jax), N >= 2, every entry finite; searched as
+        float32.
+      k: neighbours per row, an int with 1 <= k <= N − 1.
+      backend: "exact" (default: chunked matrix products on the device) or "scann" (ScaNN on the
+        host; needs the optional ``scann`` package).
+      query_ids: optional int[Q] row ids in [0, N) to search for (default None: all N rows, in
+        order), e.g. one process's anchors; row i of the result belongs to ``query_ids[i]``.
+      **options: backend options. exact: ``chunk_size`` (queries per chunk, a positive int;
+        default: a [chunk, N] distance block of ~128 MiB). scann: ``mode`` ("brute_force", the
+        default, or "tree_ah"), ``num_threads`` (default: the cores this process may use),
+        ``batch_size`` (queries per parallel batch, 256), and for "tree_ah" only ``num_leaves``
+        (≈ √N), ``num_leaves_to_search``, ``reorder_k`` (>= k + 1), ``training_sample_size``,
+        ``dims_per_block`` (defaults in ``scann_config``); each a positive int.
 
     Returns:
-      (ids, sq_dists): host numpy int32 [Q, k] and float32 [Q, k]; row i lists the nearest
-      rows other than query i, ascending by exact float32 ‖q − x‖², ties by lower id.
+      (ids, sq_dists): host numpy i32[Q, k] row ids in [0, N) and f32[Q, k] squared distances
+      (Q = N without ``query_ids``); row i lists the rows other than its query, ascending by
+      ‖q − x‖², ties by lower id.
+
+    Raises:
+      ValueError: naming the argument: ``embeddings`` not a non-empty 2-D real array or holding
+        NaN/inf; ``k`` not an integer in [1, N − 1]; ``backend`` not "exact" or "scann";
+        ``query_ids`` not 1-D integer or outside [0, N); an unknown option, a tree_ah option with
+        mode "brute_force", or an option out of range.
+      ImportError: ``backend="scann"`` and ScaNN cannot be imported (the message says how to fix
+        it).
+      RuntimeError: ScaNN could not build its index, or returned fewer than k neighbours for a
+        query.
+
+    Example:
+      >>> import numpy as np
+      >>> from smine_jax import index
+      >>> embeddings = np.array([[0.0], [1.0], [3.0]], np.float32)
+      >>> ids, sq_dists = index.neighbours(embeddings, k=2)
+      >>> ids.tolist(), sq_dists.tolist()
+      ([[1, 2], [0, 2], [1, 0]], [[1.0, 9.0], [1.0, 4.0], [4.0, 9.0]])
     """
     return build_index(embeddings, k, backend=backend, **options).search(query_ids)

@@ -169,18 +169,40 @@ def _global_terms(sq_pos, sq_neg, valid, margin, weight):
 
 
 def triplet_ratio_loss(anchor, positive, negative, *, margin=0.2, mask=None):
-    """Ratio triplet loss of Smart Mining (Harwood et al. 2017, Eq. 2), one value per triplet.
+    """Ratio triplet loss of Smart Mining (Eq. 2, method.md §1), one value per triplet.
 
-    J_t = max(0, 1 - ||a-n|| / (||a-p|| + margin)) with plain Euclidean distances; it is zero iff
-    ||a-n|| >= ||a-p|| + margin. `margin` must be > 0 (it keeps the ratio finite at a = p).
+    J_t = max(0, 1 − ‖a − n‖ / (‖a − p‖ + margin)) with plain (not squared) Euclidean distances:
+    zero iff ‖a − n‖ >= ‖a − p‖ + margin, so a triplet counts in the training error while the
+    negative is not a margin farther than the positive. Pure and jit-compatible; finite gradients
+    everywhere (duplicates included).
 
     Args:
-      anchor, positive, negative: [B, D] real arrays (any float dtype; math in float32).
-      margin: m of Eq. 2.
-      mask: optional bool [B]; False rows get loss 0 and no gradient, whatever they hold.
+      anchor: [B, D] real array (any float dtype, bf16 included, or integer; not bool): the
+        anchors' embeddings. Math in float32.
+      positive: [B, D] real array, same shape as ``anchor``: row i of the anchor's class.
+      negative: [B, D] real array, same shape as ``anchor``: row i of another class.
+      margin: m of Eq. 2, a finite scalar > 0 (keeps the ratio finite at a = p); Python float or
+        f32[], may be traced (checked when concrete).
+      mask: optional bool[B] (None: every row is valid); None versus an array is static under
+        jit, the values may be traced.
+        A False row gets loss 0 and no gradient, whatever it holds (NaN included).
 
     Returns:
-      f32[B].
+      f32[B]: J_t of each triplet, in [0, 1]; 0 at masked rows.
+
+    Raises:
+      ValueError: naming the argument: ``anchor`` not 2-D or not real-valued; ``positive`` or
+        ``negative`` not of the anchor's shape [B, D]; ``mask`` not a bool array of shape [B];
+        a concrete ``margin`` not a finite scalar > 0.
+
+    Example:
+      >>> import numpy as np
+      >>> from smine_jax import losses
+      >>> anchor = np.array([[1.0, 0.0], [0.0, 1.0]], np.float32)
+      >>> positive = np.array([[0.6, 0.8], [0.0, 1.0]], np.float32)
+      >>> negative = np.array([[0.8, 0.6], [1.0, 0.0]], np.float32)
+      >>> np.asarray(losses.triplet_ratio_loss(anchor, positive, negative, margin=0.2)).round(3)
+      array([0.422, 0.   ], dtype=float32)
     """
     _check_scalar(margin, "margin", minimum=0.0, strict=True)
     valid, sq_pos, sq_neg = _prepare_triplets(anchor, positive, negative, mask)
@@ -188,17 +210,38 @@ def triplet_ratio_loss(anchor, positive, negative, *, margin=0.2, mask=None):
 
 
 def triplet_margin_loss(anchor, positive, negative, *, margin=0.2, mask=None):
-    """FaceNet triplet loss (Schroff et al. 2015), one value per triplet.
+    """FaceNet margin triplet loss (Schroff et al. 2015), one value per triplet: the baseline loss.
 
-    max(0, ||a-p||^2 - ||a-n||^2 + margin), squared Euclidean distances (the semi-hard baseline).
+    max(0, ‖a − p‖² − ‖a − n‖² + margin) on squared Euclidean distances (method.md §1,
+    baselines). Pure and jit-compatible.
 
     Args:
-      anchor, positive, negative: [B, D] real arrays (any float dtype; math in float32).
-      margin: alpha of FaceNet.
-      mask: optional bool [B]; False rows get loss 0 and no gradient, whatever they hold.
+      anchor: [B, D] real array (any float dtype, bf16 included, or integer; not bool): the
+        anchors' embeddings. Math in float32.
+      positive: [B, D] real array, same shape as ``anchor``: row i of the anchor's class.
+      negative: [B, D] real array, same shape as ``anchor``: row i of another class.
+      margin: α of FaceNet, a finite scalar (any sign accepted); Python float or f32[], may be
+        traced (checked when concrete).
+      mask: optional bool[B] (None: every row is valid); None versus an array is static under
+        jit, the values may be traced.
+        A False row gets loss 0 and no gradient, whatever it holds (NaN included).
 
     Returns:
-      f32[B].
+      f32[B]: the loss of each triplet, >= 0; 0 at masked rows.
+
+    Raises:
+      ValueError: naming the argument: ``anchor`` not 2-D or not real-valued; ``positive`` or
+        ``negative`` not of the anchor's shape [B, D]; ``mask`` not a bool array of shape [B];
+        a concrete ``margin`` not a finite scalar.
+
+    Example:
+      >>> import numpy as np
+      >>> from smine_jax import losses
+      >>> anchor = np.array([[1.0, 0.0], [0.0, 1.0]], np.float32)
+      >>> positive = np.array([[0.6, 0.8], [0.0, 1.0]], np.float32)
+      >>> negative = np.array([[0.8, 0.6], [1.0, 0.0]], np.float32)
+      >>> np.asarray(losses.triplet_margin_loss(anchor, positive, negative, margin=0.2)).round(3)
+      array([0.6, 0. ], dtype=float32)
     """
     _check_scalar(margin, "margin")
     valid, sq_pos, sq_neg = _prepare_triplets(anchor, positive, negative, mask)
@@ -206,20 +249,43 @@ def triplet_margin_loss(anchor, positive, negative, *, margin=0.2, mask=None):
 
 
 def global_loss(anchor, positive, negative, *, margin=0.01, weight=0.8, mask=None):
-    """Global loss of Smart Mining (Harwood et al. 2017, Eq. 3) over a batch of triplets.
+    """Global loss of Smart Mining (Eq. 3, method.md §1): one scalar over a batch of triplets.
 
-    With d+ = ||a-p||^2 / 4 and d- = ||a-n||^2 / 4 and population (1/N) statistics over the
-    valid triplets: J_g = (var+ + var-) + weight * max(0, mu+ - mu- + margin).
-    A batch with no valid triplet gives 0 with a zero gradient.
+    Pulls the distributions of positive and negative distances apart and tightens both: with
+    d⁺ = ‖a − p‖² / 4, d⁻ = ‖a − n‖² / 4 (each in [0, 1] for unit vectors) and population (1/N)
+    means μ and variances σ² over the valid triplets, J_g = (σ²⁺ + σ²⁻) + weight · max(0, μ⁺ − μ⁻ +
+    margin). A batch without any valid triplet gives 0 with a zero gradient. Pure and
+    jit-compatible.
 
     Args:
-      anchor, positive, negative: [B, D] real arrays (any float dtype; math in float32).
-      margin: t of Eq. 3.
-      weight: lambda of Eq. 3 (>= 0).
-      mask: optional bool [B]; False rows count in no statistic, whatever they hold.
+      anchor: [B, D] real array (any float dtype, bf16 included, or integer; not bool): the
+        anchors' embeddings. Math in float32.
+      positive: [B, D] real array, same shape as ``anchor``: row i of the anchor's class.
+      negative: [B, D] real array, same shape as ``anchor``: row i of another class.
+      margin: t of Eq. 3, a finite scalar (default 0.01); Python float or f32[], may be traced
+        (checked when concrete).
+      weight: λ of Eq. 3, a finite scalar >= 0 (default 0.8); may be traced (checked when
+        concrete).
+      mask: optional bool[B] (None: every row is valid); None versus an array is static under
+        jit, the values may be traced.
+        A False row counts in no statistic, whatever it holds (NaN included).
 
     Returns:
-      f32[] scalar.
+      f32[] scalar J_g >= 0.
+
+    Raises:
+      ValueError: naming the argument: ``anchor`` not 2-D or not real-valued; ``positive`` or
+        ``negative`` not of the anchor's shape [B, D]; ``mask`` not a bool array of shape [B];
+        a concrete ``margin`` not finite or ``weight`` not finite and >= 0.
+
+    Example:
+      >>> import numpy as np
+      >>> from smine_jax import losses
+      >>> anchor = np.array([[1.0, 0.0], [0.0, 1.0]], np.float32)
+      >>> positive = np.array([[0.6, 0.8], [0.0, 1.0]], np.float32)
+      >>> negative = np.array([[0.8, 0.6], [1.0, 0.0]], np.float32)
+      >>> round(float(losses.global_loss(anchor, positive, negative)), 3)
+      0.05
     """
     _check_scalar(margin, "margin")
     _check_scalar(weight, "weight", minimum=0.0)
@@ -230,28 +296,46 @@ def global_loss(anchor, positive, negative, *, margin=0.01, weight=0.8, mask=Non
 
 def triplet_objective(anchor, positive, negative, *, mask=None, margin=0.2, global_margin=0.01,
                       global_weight=0.8, use_global=True, triplet_loss="ratio", mined=None):
-    """Training objective of method.md §1: mean over valid triplets of J_t, plus J_g (Eq. 3).
+    """Training objective of method.md §1: mean J_t over the valid triplets, plus J_g (Eq. 3).
+
+    The loss of a batch of gathered triplets, with the statistics the trainer logs and the
+    controller reads. Pure and jit-compatible.
 
     Args:
-      anchor, positive, negative: [B, D] real arrays (any float dtype; math in float32).
-      mask: optional bool [B] of valid (non-padding) triplets.
-      margin: margin of the per-triplet loss.
-      global_margin, global_weight: t and lambda of the global loss.
-      use_global: add J_g to the loss (static).
-      triplet_loss: "ratio" (Eq. 2, plain distances) or "margin" (FaceNet, squared) (static).
-      mined: optional bool [B], the triplets that came from mining: their error is also
-        counted apart (``num_mined``, ``mined_violations``), the controller's signal for
-        ``controller.error_on="mined"``.
+      anchor: [B, D] real array (any float dtype, bf16 included, or integer; not bool): the
+        anchors' embeddings. Math in float32.
+      positive: [B, D] real array, same shape as ``anchor``: row i of the anchor's class.
+      negative: [B, D] real array, same shape as ``anchor``: row i of another class.
+      mask: optional bool[B] of valid (non-padding) triplets (None: all valid); a False row counts
+        nowhere, whatever it holds.
+      margin: margin of the per-triplet loss: > 0 for "ratio", any finite value for "margin";
+        may be traced (checked when concrete).
+      global_margin: t of the global loss (Eq. 3), finite; may be traced.
+      global_weight: λ of the global loss (Eq. 3), finite and >= 0; may be traced.
+      use_global: add J_g to the loss (static Python bool).
+      triplet_loss: "ratio" (Eq. 2, plain distances) or "margin" (FaceNet, squared distances)
+        (static).
+      mined: optional bool[B], the triplets that came from mining: their error is also counted
+        apart (aux ``num_mined``, ``mined_violations``), the controller's signal for
+        ``error_on="mined"``.
 
     Returns:
-      (loss, aux): loss is f32[]; aux is a dict of f32[] scalars: ``loss``, ``triplet_loss``
-      (mean J_t over valid triplets), ``global_loss`` (J_g, reported even when ``use_global`` is
-      False, then not part of ``loss``), ``training_error`` (fraction of valid triplets with
-      J_t > 0: the controller's signal), ``mu_pos``, ``mu_neg``, ``var_pos``, ``var_neg``
-      (the global loss statistics, squared distances / 4) and ``num_valid``; with ``mined``,
-      ``num_mined`` (valid mined triplets) and ``mined_violations`` (those with J_t > 0),
-      counts so that an epoch's error sums exactly over batches.
-      Every entry is 0 when no triplet is valid.
+      (loss, aux): loss is f32[], the mean J_t over the valid triplets plus J_g when
+      ``use_global``. aux is a dict of f32[] scalars: ``loss``; ``triplet_loss`` (mean J_t over
+      valid triplets); ``global_loss`` (J_g, reported even when ``use_global`` is False, then not
+      part of ``loss``); ``training_error`` (fraction of valid triplets with J_t > 0: the
+      controller's signal); ``mu_pos``, ``mu_neg``, ``var_pos``, ``var_neg`` (the global loss
+      statistics of squared distances / 4) and ``num_valid``. Every entry is 0 when no triplet is
+      valid.
+      With ``mined``, aux also holds ``num_mined`` (valid mined triplets) and
+      ``mined_violations`` (those with J_t > 0), counts so that an epoch's error sums exactly over
+      batches.
+
+    Raises:
+      ValueError: naming the argument: ``anchor`` not 2-D or not real-valued; ``positive`` or
+        ``negative`` not of the anchor's shape [B, D]; ``mask`` not a bool array of shape [B];
+        ``mined`` not a bool array of shape [B]; ``triplet_loss`` not "ratio" or "margin"; a
+        concrete ``margin``, ``global_margin`` or ``global_weight`` out of its range.
     """
     _check_objective_settings(triplet_loss, margin, global_margin, global_weight)
     valid, sq_pos, sq_neg = _prepare_triplets(anchor, positive, negative, mask)
@@ -268,22 +352,42 @@ def indexed_triplet_objective(embeddings, anchor, positive, negative, valid, *, 
     """``triplet_objective`` over triplets given as row indices into one batch of embeddings.
 
     For the dense triplet sets of an in-batch miner (e.g. ``batch_miners.all_triplets``: B·P·B
-    slots): the [B, B] squared distances are computed once, from explicit differences as
-    ``triplet_objective`` computes them per row, and each slot gathers two scalars, instead of
-    three D-dimensional rows per slot. Same value, gradient and aux as ``triplet_objective`` on
-    ``embeddings[anchor]`` etc. with ``mask=valid``.
+    slots): the [B, B] squared distances are computed once, from explicit differences, and each
+    slot gathers two scalars instead of three D-dimensional rows. Same value, gradient and aux as
+    ``triplet_objective`` on ``embeddings[anchor]`` etc. with ``mask=valid``. Pure and
+    jit-compatible.
 
     Args:
-      embeddings: [B, D] real array (any float dtype; math in float32).
-      anchor, positive, negative: int [S] row indices into ``embeddings``.
-      valid: bool [S], the slots that are triplets (others count nowhere).
-      mask: optional bool [B] of real rows: padded rows are zeroed before any arithmetic, so
-        their values (even NaN) reach neither the loss nor the gradient. Valid slots must not
-        point at padded rows.
-      margin, global_margin, global_weight, use_global, triplet_loss: as ``triplet_objective``.
+      embeddings: [B, D] real array (any float dtype; math in float32), the batch.
+      anchor: int[S] row indices in [0, B) of the slots' anchors.
+      positive: int[S] row indices in [0, B) of the slots' positives.
+      negative: int[S] row indices in [0, B) of the slots' negatives.
+      valid: bool[S], the slots that are triplets (the others count nowhere).
+      mask: optional bool[B] of real rows: padded rows are zeroed before any arithmetic, so their
+        values (even NaN) reach neither the loss nor the gradient. Valid slots must not point at
+        padded rows.
+      margin: margin of the per-triplet loss: > 0 for "ratio", any finite value for "margin";
+        may be traced (checked when concrete).
+      global_margin: t of the global loss (Eq. 3), finite; may be traced.
+      global_weight: λ of the global loss (Eq. 3), finite and >= 0; may be traced.
+      use_global: add J_g to the loss (static Python bool).
+      triplet_loss: "ratio" (Eq. 2, plain distances) or "margin" (FaceNet, squared distances)
+        (static).
 
     Returns:
-      (loss, aux) as ``triplet_objective`` (without ``mined`` counts).
+      (loss, aux): loss is f32[], the mean J_t over the valid triplets plus J_g when
+      ``use_global``. aux is a dict of f32[] scalars: ``loss``; ``triplet_loss`` (mean J_t over
+      valid triplets); ``global_loss`` (J_g, reported even when ``use_global`` is False, then not
+      part of ``loss``); ``training_error`` (fraction of valid triplets with J_t > 0: the
+      controller's signal); ``mu_pos``, ``mu_neg``, ``var_pos``, ``var_neg`` (the global loss
+      statistics of squared distances / 4) and ``num_valid``. Every entry is 0 when no triplet is
+      valid.
+
+    Raises:
+      ValueError: naming the argument: ``embeddings`` not a real 2-D array; ``anchor``,
+        ``positive`` or ``negative`` not integer arrays of one shape [S]; ``valid`` not bool[S];
+        ``mask`` not bool[B]; ``triplet_loss`` not "ratio" or "margin"; a concrete ``margin``,
+        ``global_margin`` or ``global_weight`` out of its range.
     """
     _check_objective_settings(triplet_loss, margin, global_margin, global_weight)
     num_rows, _ = _check_matrix(embeddings, "embeddings")
@@ -342,7 +446,7 @@ def _objective_from_sq(sq_pos, sq_neg, valid, mined, *, margin, global_margin, g
 
 
 def lifted_structure_loss(embeddings, labels, *, margin=1.0, mask=None):
-    """Lifted structured loss (Song et al., CVPR 2016, Eq. 4: the smooth upper bound).
+    """Lifted structured loss (Song et al., CVPR 2016, Eq. 4: the smooth upper bound); a baseline.
 
     With plain distances D_ij and P the unordered positive pairs {i, j}, i < j, y_i = y_j:
 
@@ -350,19 +454,22 @@ def lifted_structure_loss(embeddings, labels, *, margin=1.0, mask=None):
                + D_ij
         loss = sum_{(i,j) in P} max(0, J_ij)^2 / (2 |P|)
 
-    Normalisation: 2|P| with |P| the number of unordered valid positive pairs. The log-sum-exp is
-    evaluated stably (per row, then log-add-exp of the two rows). A pair with no negative at all
-    has log(0) = -inf, so J_ij contributes 0; a batch without positive pair gives 0. Memory is
-    O(N^2 D) (distances from explicit differences, exact for duplicates).
+    The log-sum-exp is evaluated stably. A pair with no negative at all contributes 0; a batch
+    without positive pair gives 0. Memory is O(N² D) (distances from explicit differences, exact
+    for duplicates). Pure and jit-compatible.
 
     Args:
       embeddings: [N, D] real array (any float dtype; math in float32).
-      labels: [N] integer class labels.
-      margin: alpha of Eq. 4.
-      mask: optional bool [N]; False rows are neither anchors, positives nor negatives.
+      labels: int[N] class labels.
+      margin: α of Eq. 4, a finite scalar (may be traced).
+      mask: optional bool[N]; False rows are neither anchors, positives nor negatives.
 
     Returns:
-      f32[] scalar.
+      f32[] scalar >= 0.
+
+    Raises:
+      ValueError: naming the argument: ``embeddings`` not a real 2-D array; ``labels`` not
+        int[N]; ``mask`` not bool[N]; a concrete ``margin`` not finite.
     """
     num_rows, _ = _check_matrix(embeddings, "embeddings")
     _check_vector(labels, "labels", num_rows, kind="int")
@@ -389,21 +496,27 @@ def lifted_structure_loss(embeddings, labels, *, margin=1.0, mask=None):
 def npairs_loss(anchors, positives, *, l2_reg=0.002, labels=None, mask=None):
     """Multi-class N-pair loss (Sohn, NIPS 2016), in TensorFlow's ``npairs_loss`` convention.
 
-    logits = anchors @ positives^T; softmax cross-entropy of each anchor row against a target
-    that is the diagonal (its own positive) or, when `labels` is given, uniform over the columns
-    whose label equals the row's (as TF Addons / tf.contrib ``npairs_loss``); mean over rows.
-    Plus the embedding penalty of the TF implementation:
-    ``l2_reg * 0.25 * (mean_i ||a_i||^2 + mean_i ||p_i||^2)``.
+    logits = anchors @ positivesᵀ; softmax cross-entropy of each anchor row against a target that
+    is the diagonal (its own positive) or, when ``labels`` is given, uniform over the columns
+    whose label equals the row's; mean over rows. Plus the embedding penalty of the TF
+    implementation: ``l2_reg * 0.25 * (mean_i ||a_i||^2 + mean_i ||p_i||^2)``. Pure and
+    jit-compatible.
 
     Args:
-      anchors, positives: [B, D] real arrays; row i of each is a pair of the same class.
-      l2_reg: weight of the embedding penalty (>= 0).
-      labels: optional [B] integer labels of the pairs (several pairs may share a class).
-      mask: optional bool [B]; a False pair is neither a row nor a column (negative) and takes no
+      anchors: [B, D] real array (any float dtype; math in float32).
+      positives: [B, D] real array, same shape; row i is of the class of ``anchors[i]``.
+      l2_reg: weight of the embedding penalty, finite and >= 0 (may be traced).
+      labels: optional int[B] labels of the pairs (several pairs may share a class).
+      mask: optional bool[B]; a False pair is neither a row nor a column (negative) and takes no
         part in the means.
 
     Returns:
       f32[] scalar (0 when no pair is valid).
+
+    Raises:
+      ValueError: naming the argument: ``anchors`` not a real 2-D array; ``positives`` of another
+        shape; ``labels`` not int[B]; ``mask`` not bool[B]; a concrete ``l2_reg`` negative or not
+        finite.
     """
     num_rows, dim = _check_matrix(anchors, "anchors")
     _check_matrix(positives, "positives", num_rows, dim)

@@ -48,9 +48,38 @@ _LIST_ENTRIES_PER_BLOCK = 1 << 24
 
 
 def recall_at_k(embeddings, labels, ks: Iterable[int] = DEFAULT_KS) -> dict[int, float]:
-    """Leave-one-out Recall@K for every K in `ks`: the fraction of scorable queries with at least
-    one same-class sample among their K nearest other samples (queries whose class has no other
-    member are excluded)."""
+    """Leave-one-out Recall@K for every K in ``ks`` (method.md §5): the paper's retrieval metric.
+
+    Every sample is a query against all OTHER samples by Euclidean distance; Recall@K is the
+    fraction of scorable queries with at least one same-class sample among their K nearest. A
+    query whose class has no other member is excluded.
+    Host-side: inputs are copied to the host; not for use inside ``jax.jit``.
+
+    Args:
+      embeddings: [N, D] real array (numpy or jax; any float or integer dtype, not bool), N >= 1,
+        D >= 1, every entry finite; copied to the host as float32.
+      labels: int[N] class labels of the rows (arbitrary integers; whole-valued floats accepted).
+        At least one class needs two samples.
+      ks: the cut-offs: one int or an iterable of ints, each in [1, N − 1] (default (1, 2, 4, 8),
+        which needs N >= 9); repeats are dropped, the order is kept.
+
+    Returns:
+      dict {K: float}, one entry per distinct K in the order of ``ks``, each a recall in [0, 1].
+
+    Raises:
+      ValueError: naming the argument: ``embeddings`` not a non-empty 2-D real array or holding
+        NaN/inf (the message gives the first bad row); ``labels`` not 1-D integer, of another
+        length than N, or with every sample alone in its class (nothing to retrieve);
+        ``ks`` empty, not integers, or a K outside [1, N − 1].
+
+    Example:
+      >>> import numpy as np
+      >>> from smine_jax import metrics
+      >>> embeddings = np.array([[0.0], [0.1], [1.0], [1.1], [5.0]], np.float32)
+      >>> labels = np.array([0, 0, 1, 1, 1])
+      >>> metrics.recall_at_k(embeddings, labels, ks=(1, 2))
+      {1: 1.0, 2: 1.0}
+    """
     points, labels = _check_inputs(embeddings, labels)
     ks = _check_ks(ks, points.shape[0])
     scores, _ = _retrieval_scores(points, labels, ks, rank_metrics=False)
@@ -58,14 +87,69 @@ def recall_at_k(embeddings, labels, ks: Iterable[int] = DEFAULT_KS) -> dict[int,
 
 
 def map_at_r(embeddings, labels) -> float:
-    """Leave-one-out MAP@R (Musgrave et al. 2020), over queries whose class has another member."""
+    """Leave-one-out MAP@R (Musgrave et al. 2020): precision that also rewards the ranking.
+
+    For query i with R_i = (size of its class) − 1 relevant samples, the mean over its top R_i
+    neighbours of the precision at each relevant rank, over R_i; averaged over the queries with
+    R_i >= 1 (the others are excluded).
+    Host-side: inputs are copied to the host; not for use inside ``jax.jit``.
+
+    Args:
+      embeddings: [N, D] real array (numpy or jax; any float or integer dtype, not bool), N >= 1,
+        D >= 1, every entry finite; copied to the host as float32.
+      labels: int[N] class labels of the rows (arbitrary integers; whole-valued floats accepted).
+        At least one class needs two samples.
+
+    Returns:
+      float in [0, 1].
+
+    Raises:
+      ValueError: naming the argument: ``embeddings`` not a non-empty 2-D real array or holding
+        NaN/inf (the message gives the first bad row); ``labels`` not 1-D integer, of another
+        length than N, or with every sample alone in its class (nothing to retrieve).
+
+    Example:
+      >>> import numpy as np
+      >>> from smine_jax import metrics
+      >>> embeddings = np.array([[0.0], [0.1], [1.0], [1.1], [5.0]], np.float32)
+      >>> labels = np.array([0, 0, 1, 1, 1])
+      >>> round(metrics.map_at_r(embeddings, labels), 3)
+      0.8
+    """
     points, labels = _check_inputs(embeddings, labels)
     scores, _ = _retrieval_scores(points, labels, (), rank_metrics=True)
     return scores["map@r"]
 
 
 def r_precision(embeddings, labels) -> float:
-    """Leave-one-out R-precision, over queries whose class has another member."""
+    """Leave-one-out R-precision: the share of relevant samples among each query's top R_i.
+
+    For query i with R_i = (size of its class) − 1, the fraction of its R_i nearest other samples
+    that share its class; averaged over the queries with R_i >= 1 (the others are excluded).
+    Host-side: inputs are copied to the host; not for use inside ``jax.jit``.
+
+    Args:
+      embeddings: [N, D] real array (numpy or jax; any float or integer dtype, not bool), N >= 1,
+        D >= 1, every entry finite; copied to the host as float32.
+      labels: int[N] class labels of the rows (arbitrary integers; whole-valued floats accepted).
+        At least one class needs two samples.
+
+    Returns:
+      float in [0, 1].
+
+    Raises:
+      ValueError: naming the argument: ``embeddings`` not a non-empty 2-D real array or holding
+        NaN/inf (the message gives the first bad row); ``labels`` not 1-D integer, of another
+        length than N, or with every sample alone in its class (nothing to retrieve).
+
+    Example:
+      >>> import numpy as np
+      >>> from smine_jax import metrics
+      >>> embeddings = np.array([[0.0], [0.1], [1.0], [1.1], [5.0]], np.float32)
+      >>> labels = np.array([0, 0, 1, 1, 1])
+      >>> round(metrics.r_precision(embeddings, labels), 3)
+      0.8
+    """
     points, labels = _check_inputs(embeddings, labels)
     scores, _ = _retrieval_scores(points, labels, (), rank_metrics=True)
     return scores["r_precision"]
@@ -182,13 +266,37 @@ def _per_query_scores(neighbour_labels: np.ndarray, query_labels: np.ndarray,
 def kmeans(embeddings, num_clusters: int, *, seed: int = 0,
            max_iters: int = DEFAULT_KMEANS_MAX_ITERS,
            num_restarts: int = DEFAULT_KMEANS_RESTARTS) -> jax.Array:
-    """Cluster ids int32 [N] of k-means (k-means++ init, Lloyd iterations; jitted).
+    """k-means cluster ids of the rows (k-means++ init, Lloyd iterations, jitted): NMI's clustering.
 
-    Each of `num_restarts` runs starts from its own k-means++ seeding (centres sampled with
+    Each of ``num_restarts`` runs starts from its own k-means++ seeding (centres sampled with
     probability proportional to the squared distance to the nearest chosen centre) and iterates
-    Lloyd steps until the assignments stop changing or `max_iters` steps; the run with the lowest
-    inertia (sum of squared distances to the assigned centres) wins. A cluster that becomes empty
-    keeps its previous centre. Deterministic for a given `seed`.
+    Lloyd steps until the assignments stop changing or ``max_iters`` steps; the run with the
+    lowest inertia (sum of squared distances to the assigned centres) wins. A cluster that
+    becomes empty keeps its previous centre. Deterministic for a given ``seed``. Host-side entry
+    (inputs are copied to the host); the work runs jitted on the device.
+
+    Args:
+      embeddings: [N, D] real array (numpy or jax; any float or integer dtype, not bool), N >= 1,
+        D >= 1, every entry finite.
+      num_clusters: K, an integer in [1, N] (static: one compilation per K).
+      seed: integer seed of the k-means++ draws (Python or numpy int, not bool).
+      max_iters: Lloyd iterations at most, an integer >= 0 (0: the k-means++ centres only).
+      num_restarts: independent runs, an integer >= 1 (static).
+
+    Returns:
+      jax.Array i32[N] cluster ids in [0, K).
+
+    Raises:
+      ValueError: naming the argument: ``embeddings`` not a non-empty 2-D real array or holding
+        NaN/inf; ``num_clusters`` not an integer in [1, N]; ``max_iters`` < 0;
+        ``num_restarts`` < 1; ``seed`` not an integer.
+
+    Example:
+      >>> import numpy as np
+      >>> from smine_jax import metrics
+      >>> embeddings = np.array([[0.0], [0.1], [5.0], [5.1]], np.float32)
+      >>> np.asarray(metrics.kmeans(embeddings, 2)).shape
+      (4,)
     """
     points = validation.as_embeddings(embeddings)
     num_clusters = validation.integer(num_clusters, "num_clusters", minimum=1,
@@ -301,11 +409,30 @@ def _lloyd(points: jax.Array, sq_norms: jax.Array, centres: jax.Array,
 
 
 def nmi_from_assignments(assignments, labels) -> float:
-    """Normalised mutual information between cluster `assignments` and class `labels`.
+    """Normalised mutual information between cluster ``assignments`` and class ``labels``.
 
-    Equal to scikit-learn's ``normalized_mutual_info_score(labels, assignments)`` with its default
-    arithmetic normalisation, MI / mean(H(labels), H(assignments)), natural logarithms, and its
-    special cases: both labellings a single group (or empty) -> 1.0; MI = 0 -> 0.0. Host numpy.
+    The clustering score of the paper's tables (method.md §5), equal to scikit-learn's
+    ``normalized_mutual_info_score(labels, assignments)`` with its default arithmetic
+    normalisation MI / mean(H(labels), H(assignments)), natural logarithms, and its special
+    cases: both labellings a single group (or empty) -> 1.0; MI = 0 -> 0.0. Host numpy; the
+    names of clusters and classes do not matter.
+
+    Args:
+      assignments: int[N] cluster id of each sample (arbitrary integers; whole-valued floats
+        accepted), e.g. from ``kmeans``.
+      labels: int[N] class label of each sample (arbitrary integers), same length.
+
+    Returns:
+      float in [0, 1].
+
+    Raises:
+      ValueError: naming the argument: ``assignments`` not a 1-D integer array; ``labels`` not a
+        1-D integer array or of another length than ``assignments``.
+
+    Example:
+      >>> from smine_jax import metrics
+      >>> metrics.nmi_from_assignments([0, 0, 1, 1], [5, 5, 7, 7])
+      1.0
     """
     assignments = validation.as_labels(assignments, name="assignments")
     labels = validation.as_labels(labels, assignments.shape[0], rows_name="assignments")
@@ -354,8 +481,37 @@ def _entropy(group_sizes: np.ndarray) -> float:
 def nmi(embeddings, labels, *, num_clusters: int | None = None, seed: int = 0,
         max_iters: int = DEFAULT_KMEANS_MAX_ITERS,
         num_restarts: int = DEFAULT_KMEANS_RESTARTS) -> float:
-    """NMI between `labels` and the k-means clusters of `embeddings` (K defaults to the number of
-    distinct labels, as in the paper's protocol)."""
+    """NMI between ``labels`` and the k-means clusters of ``embeddings`` (method.md §5).
+
+    k-means with K = the number of distinct labels by default, as in the paper's protocol, then
+    ``nmi_from_assignments``.
+    Host-side: inputs are copied to the host; not for use inside ``jax.jit``.
+
+    Args:
+      embeddings: [N, D] real array (numpy or jax; any float or integer dtype, not bool), N >= 1,
+        D >= 1, every entry finite; copied to the host as float32.
+      labels: int[N] class labels of the rows (arbitrary integers; whole-valued floats accepted).
+      num_clusters: K, an integer in [1, N], or None (default): the number of distinct labels.
+      seed: integer seed of k-means (Python or numpy int, not bool).
+      max_iters: Lloyd iterations at most per k-means run, an integer >= 0.
+      num_restarts: k-means runs (the lowest inertia wins), an integer >= 1.
+
+    Returns:
+      float in [0, 1].
+
+    Raises:
+      ValueError: naming the argument: ``embeddings`` not a non-empty 2-D real array or holding
+        NaN/inf; ``labels`` not 1-D integer or of another length than N; ``num_clusters`` not in
+        [1, N]; ``max_iters`` < 0; ``num_restarts`` < 1; ``seed`` not an integer.
+
+    Example:
+      >>> import numpy as np
+      >>> from smine_jax import metrics
+      >>> embeddings = np.array([[0.0], [0.1], [1.0], [1.1], [5.0]], np.float32)
+      >>> labels = np.array([0, 0, 1, 1, 1])
+      >>> round(metrics.nmi(embeddings, labels), 3)
+      0.202
+    """
     points, labels = _check_inputs(embeddings, labels)
     if num_clusters is None:
         num_clusters = int(np.unique(labels).size)
@@ -371,13 +527,45 @@ def nmi(embeddings, labels, *, num_clusters: int | None = None, seed: int = 0,
 def evaluate(embeddings, labels, *, ks: Iterable[int] = DEFAULT_KS,
              num_clusters: int | None = None, seed: int = 0,
              timings: MutableMapping[str, float] | None = None) -> dict[str, float]:
-    """All test metrics of the paper's protocol (method.md §5) plus MAP@R and R-precision.
+    """All test metrics of the paper's protocol (method.md §5) plus MAP@R and R-precision, at once.
 
-    Returns a dict with ``recall@K`` for K in `ks`, ``nmi``, ``map@r``, ``r_precision``,
-    ``num_queries`` (N) and ``num_excluded_queries`` (queries alone in their class, left out of
-    the retrieval metrics). The neighbour lists are searched once, for all retrieval metrics.
-    If `timings` is given, it receives the wall-clock seconds of the ``knn`` part (search and
-    retrieval metrics) and of the ``kmeans`` part (clustering and NMI), compilation included.
+    The neighbour lists are searched once for every retrieval metric (leave-one-out, Euclidean);
+    NMI uses k-means with K = ``num_clusters``.
+    Host-side: inputs are copied to the host; not for use inside ``jax.jit``.
+
+    Args:
+      embeddings: [N, D] real array (numpy or jax; any float or integer dtype, not bool), N >= 1,
+        D >= 1, every entry finite; copied to the host as float32.
+      labels: int[N] class labels of the rows (arbitrary integers; whole-valued floats accepted).
+        At least one class needs two samples.
+      ks: Recall@K cut-offs: one int or an iterable of ints, each in [1, N − 1] (default
+        (1, 2, 4, 8), which needs N >= 9); repeats are dropped.
+      num_clusters: K of the NMI's k-means, an integer in [1, N], or None (default): the number
+        of distinct labels.
+      seed: integer seed of k-means.
+      timings: optional mutable mapping; receives ``"knn"`` (seconds of the search and retrieval
+        metrics) and ``"kmeans"`` (seconds of the clustering and NMI), compilation included.
+
+    Returns:
+      dict with float values ``recall@K`` for each K in ``ks``, ``nmi``, ``map@r``,
+      ``r_precision`` (each in [0, 1]), and int values ``num_queries`` (N) and
+      ``num_excluded_queries`` (queries alone in their class, left out of the retrieval metrics).
+
+    Raises:
+      ValueError: naming the argument: ``embeddings`` not a non-empty 2-D real array or holding
+        NaN/inf (the message gives the first bad row); ``labels`` not 1-D integer, of another
+        length than N, or with every sample alone in its class (nothing to retrieve);
+        ``ks`` empty, not integers, or a K outside [1, N − 1]; ``num_clusters`` not in [1, N];
+        ``seed`` not an integer.
+
+    Example:
+      >>> import numpy as np
+      >>> from smine_jax import metrics
+      >>> embeddings = np.array([[0.0], [0.1], [1.0], [1.1], [5.0]], np.float32)
+      >>> labels = np.array([0, 0, 1, 1, 1])
+      >>> scores = metrics.evaluate(embeddings, labels, ks=(1,))
+      >>> sorted(scores)
+      ['map@r', 'nmi', 'num_excluded_queries', 'num_queries', 'r_precision', 'recall@1']
     """
     points, labels = _check_inputs(embeddings, labels)
     ks = _check_ks(ks, points.shape[0])

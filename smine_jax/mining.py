@@ -44,9 +44,17 @@ _POSITIVE, _NEGATIVE, _ANCHOR = range(_DRAWS_PER_SLOT)
 
 
 class Triplets(NamedTuple):
-    """Triplet ids into the training set; users unpack ``anchor, positive, negative, mined``.
+    """M triplets as sample ids into the training set; unpack ``anchor, positive, negative, mined``.
 
-    ``mined`` is False where a slot fell back to a random triplet (no valid negative left).
+    Every triplet is valid: ``positive`` is of the anchor's class and not the anchor,
+    ``negative`` of another class. Train steps gather the three images by these ids.
+
+    Attributes:
+      anchor: i32[M] anchor sample ids in [0, N).
+      positive: i32[M] positive sample ids in [0, N).
+      negative: i32[M] negative sample ids in [0, N).
+      mined: bool[M]; False where a slot fell back to a random triplet (no valid negative
+        left, or the triplet came from ``random_triplets``).
     """
 
     anchor: jax.Array  # i32[M]
@@ -56,7 +64,22 @@ class Triplets(NamedTuple):
 
 
 class MiningInfo(NamedTuple):
-    """Per-slot fallback flags (same order as the triplets) and per-anchor counts, for logging."""
+    """Per-slot fallback flags (same order as the triplets) and per-anchor counts, for logging.
+
+    A = anchor rows, T = ``triplets_per_anchor``; slot s of row r is entry r·T + s.
+
+    Attributes:
+      positive_fallback: bool[A·T]; a mined slot whose positive was drawn from the anchor's
+        class outside S_i (no valid positive farther than the negative).
+      pair_fallback: bool[A·T]; a mined slot whose class is exactly {anchor, p⁺ᴺᴺ}, so p⁺ᴺᴺ is
+        the positive.
+      anchor_replaced: bool[A·T]; a random slot whose anchor is alone in its class, so the
+        anchor was redrawn too.
+      num_valid_negatives: i32[A] valid negatives in S_i (0 without a p⁺ᴺᴺ in S_i).
+      nearest_positive: i32[A] id of p⁺ᴺᴺ, -1 where S_i holds no same-class sample.
+      list_inside_boundary: bool[A]; S_i ends before the boundary κ · d²(a, p⁺ᴺᴺ): a longer
+        list (larger k) could hold valid negatives.
+    """
 
     positive_fallback: jax.Array  # bool[A*T]: mined; positive drawn outside S_i (none farther)
     pair_fallback: jax.Array  # bool[A*T]: mined; class is {anchor, p_nn}, so p_nn is the positive
@@ -68,7 +91,13 @@ class MiningInfo(NamedTuple):
 
 
 class EpochStats(NamedTuple):
-    """What ``epoch_triplets`` actually assembled (the mined share can fall short of the target)."""
+    """What ``epoch_triplets`` actually assembled (the mined share can fall short of the target).
+
+    Attributes:
+      num_triplets: i32[] total triplets M.
+      num_mined: i32[] mined triplets used, min(round(mined_fraction · M), mined available).
+      mined_fraction: f32[] num_mined / M (0 for M = 0).
+    """
 
     num_triplets: jax.Array  # i32[]: total triplets M
     num_mined: jax.Array  # i32[]: mined triplets used
@@ -581,28 +610,70 @@ def _check_values(neighbour_ids, sq_dists, anchors, num_samples: int, chunk_size
 def mine_triplets(key, neighbour_ids, neighbour_sq_dists, labels, kappa, *,
                   triplets_per_anchor: int = 1, anchor_ids=None,
                   chunk_size: int = 2048) -> tuple[Triplets, MiningInfo]:
-    """Smart mining (method.md §2, Algorithm 1) with per-slot fallback flags for logging.
+    """Smart-mines A·T triplets (method.md §2, Algorithm 1) with per-slot flags for logging.
+
+    ``sample_triplets`` with the ``MiningInfo`` that the trainer logs once per epoch
+    (``mining_summary``). Each anchor's list S_i is walked in ascending distance: the first
+    same-class entry is the nearest positive p⁺ᴺᴺ and sets the boundary b = κ · d²(a, p⁺ᴺᴺ)
+    (Eq. 6); after it, entries with d² >= b are valid. Slot s takes the (s+1)-th valid negative
+    and the closest valid positive farther than it (else a positive of the anchor's class drawn
+    outside S_i); a slot without a valid negative becomes a random triplet that keeps the anchor
+    (``mined=False``). Pure and jit-compatible (static shapes, no host callbacks).
 
     Args:
-      key: PRNG key; the draws of anchor i depend on (key, i) only.
-      neighbour_ids: int [A, k], row r the k nearest OTHER samples of anchor ``anchor_ids[r]``
-        (all distinct), ascending by distance.
-      neighbour_sq_dists: float [A, k] squared distances to them, finite, each row ascending.
-      labels: int [N] class labels of all N training samples (arbitrary integers).
-      kappa: scalar κ >= 0 (may be traced); exclusion boundary κ · d²(a, p⁺ᴺᴺ) (Eq. 6).
-      triplets_per_anchor: slots T per anchor (static).
-      anchor_ids: optional int [A] sample ids of the rows (default: all N samples in order), so
-        each process of a multi-host run mines its own anchors; the result equals the matching
-        rows of the full run under the same key.
-      chunk_size: anchor rows processed together (static); a tuning knob, no effect on results.
+      key: PRNG key (``jax.random.key(seed)`` or a legacy uint32[2] ``jax.random.PRNGKey``); may
+        be traced. The random draws of anchor i depend on (key, i) only.
+      neighbour_ids: int[A, k], k >= 1 (any integer dtype, used as int32; int64 ids must fit in
+        int32). Row r lists the k nearest OTHER samples of anchor ``anchor_ids[r]`` (of sample r
+        when ``anchor_ids`` is None, then A = N), ascending by distance: the ``ids`` of
+        ``index.neighbours``. Every id in [0, N), never the row's own anchor. May be traced.
+      neighbour_sq_dists: float[A, k] (any float dtype, used as float32), the squared Euclidean
+        distances of those entries: same shape as ``neighbour_ids``, finite, each row ascending
+        (the ``sq_dists`` of ``index.neighbours``). May be traced.
+      labels: int[N] class labels of all N training samples (arbitrary integers, any integer
+        dtype). Concrete labels need N >= 3, two classes and a class of >= 2 samples; traced
+        labels are used as int32 unchecked.
+      kappa: κ >= 0, a finite scalar (Python float or f32[]); may be traced (no recompilation per
+        κ). Entries of a list closer than the exclusion boundary κ · d²(a, p⁺ᴺᴺ) (Eq. 6) are
+        skipped: a larger κ gives easier triplets.
+      triplets_per_anchor: T >= 1 triplet slots per anchor row (static Python int).
+      anchor_ids: optional int[A] sample ids in [0, N) of the rows (default None: row r is sample
+        r, A = N). Lets each process of a multi-host run mine its own anchors: the result equals
+        the matching rows of the full run under the same key. May be traced.
+      chunk_size: anchor rows processed together, >= 1 (static Python int); a memory and speed
+        knob with no effect on the result.
 
     Returns:
-      (Triplets, MiningInfo): A·T triplets, slot s of row r at r·T + s, every one valid
-      (positive of the anchor's class and not the anchor, negative of another class).
+      (triplets, info): ``Triplets`` of A·T entries, slot s of row r at index r·T + s:
+        anchor: i32[A·T] the row's anchor (a random anchor where the row's anchor is alone in
+          its class);
+        positive: i32[A·T] a sample of the anchor's class, never the anchor;
+        negative: i32[A·T] a sample of another class;
+        mined: bool[A·T], False where the slot fell back to a random triplet (no valid negative
+          left for it).
+      and ``MiningInfo``: positive_fallback, pair_fallback, anchor_replaced bool[A·T];
+      num_valid_negatives i32[A], nearest_positive i32[A] (-1: no same-class entry in S_i),
+      list_inside_boundary bool[A].
 
     Raises:
-      ValueError: for malformed inputs, naming the argument (value checks on concrete inputs
-        only; under jit the inputs are trusted).
+      ValueError: naming the argument: ``neighbour_ids`` not a 2-D integer array [A, k] with
+        k >= 1, an id outside [0, N), a row listing its own anchor, or A != N without
+        ``anchor_ids``; ``neighbour_sq_dists`` of another shape, not float, not finite or a row
+        not ascending; ``labels`` not 1-D integer, fewer than 3 samples, one class only, or no
+        class with two samples; ``anchor_ids`` not of shape [A] or outside [0, N);
+        ``kappa`` not a scalar, or a concrete κ negative or not finite; ``triplets_per_anchor``
+        not an integer >= 1.
+        Value checks run on concrete inputs only; under jit only shapes and dtypes are checked.
+
+    Example:
+      >>> import jax, numpy as np
+      >>> from smine_jax import index, mining
+      >>> embeddings = np.random.default_rng(0).normal(size=(8, 4)).astype(np.float32)
+      >>> labels = np.array([0, 0, 0, 0, 1, 1, 1, 1])
+      >>> ids, sq_dists = index.neighbours(embeddings, k=7)
+      >>> triplets, info = mining.mine_triplets(jax.random.key(0), ids, sq_dists, labels, 1.0)
+      >>> triplets.anchor.shape, info.nearest_positive.shape
+      ((8,), (8,))
     """
     _check_mining_settings(kappa, triplets_per_anchor)
     index, neighbour_ids, sq_dists, anchors = _checked_lists(
@@ -633,12 +704,40 @@ def boundary_ratios(neighbour_ids, neighbour_sq_dists, labels, *, anchor_ids=Non
                     chunk_size: int = 2048) -> jax.Array:
     """f32[A]: per anchor, the largest κ at which its list still holds a valid negative.
 
-    r = d²(farthest other-class entry after p⁺ᴺᴺ) / d²(p⁺ᴺᴺ): at κ <= r that entry lies on or
-    beyond the boundary κ · d²(p⁺ᴺᴺ) (Algorithm 1 keeps d² >= boundary), at κ > r no entry
-    does. 0 where the list has no same-class entry or no other-class entry after it; +inf where
-    d²(p⁺ᴺᴺ) = 0 (a duplicate: every later negative stays valid). The rows and arguments are
-    those of ``mine_triplets``; pure and jit-compatible. ``controller.calibrate_kappa`` turns
-    the ratios into κ₀.
+    The per-anchor input of ``controller.calibrate_kappa`` (κ₀ of ``kappa_init="auto"``,
+    method.md §3). r = d²(farthest other-class entry after p⁺ᴺᴺ) / d²(p⁺ᴺᴺ): at κ <= r that entry
+    lies on or beyond the boundary κ · d²(p⁺ᴺᴺ) (Algorithm 1 keeps d² >= boundary), at κ > r no
+    entry does. Pure and jit-compatible.
+
+    Args:
+      neighbour_ids: int[A, k], k >= 1 (any integer dtype, used as int32; int64 ids must fit in
+        int32). Row r lists the k nearest OTHER samples of anchor ``anchor_ids[r]`` (of sample r
+        when ``anchor_ids`` is None, then A = N), ascending by distance: the ``ids`` of
+        ``index.neighbours``. Every id in [0, N), never the row's own anchor. May be traced.
+      neighbour_sq_dists: float[A, k] (any float dtype, used as float32), the squared Euclidean
+        distances of those entries: same shape as ``neighbour_ids``, finite, each row ascending
+        (the ``sq_dists`` of ``index.neighbours``). May be traced.
+      labels: int[N] class labels of all N training samples (arbitrary integers, any integer
+        dtype). Concrete labels need N >= 3, two classes and a class of >= 2 samples; traced
+        labels are used as int32 unchecked.
+      anchor_ids: optional int[A] sample ids in [0, N) of the rows (default None: row r is sample
+        r, A = N). Lets each process of a multi-host run mine its own anchors: the result equals
+        the matching rows of the full run under the same key. May be traced.
+      chunk_size: anchor rows processed together, >= 1 (static Python int); a memory and speed
+        knob with no effect on the result.
+
+    Returns:
+      f32[A] ratios r >= 0, one per row: 0 where the list has no same-class entry or no
+      other-class entry after it; +inf where d²(p⁺ᴺᴺ) = 0 (a duplicate: every later negative stays
+      valid).
+
+    Raises:
+      ValueError: naming the argument: ``neighbour_ids`` not a 2-D integer array [A, k] with
+        k >= 1, an id outside [0, N), a row listing its own anchor, or A != N without
+        ``anchor_ids``; ``neighbour_sq_dists`` of another shape, not float, not finite or a row
+        not ascending; ``labels`` not 1-D integer, fewer than 3 samples, one class only, or no
+        class with two samples; ``anchor_ids`` not of shape [A] or outside [0, N).
+        Value checks run on concrete inputs only; under jit only shapes and dtypes are checked.
     """
     index, neighbour_ids, sq_dists, anchors = _checked_lists(
         neighbour_ids, neighbour_sq_dists, labels, anchor_ids, chunk_size)
@@ -672,7 +771,70 @@ def _boundary_ratios(neighbour_ids, sq_dists, index, anchor_ids, *, chunk_size):
 def sample_triplets(key, neighbour_ids, neighbour_sq_dists, labels, kappa, *,
                     triplets_per_anchor: int = 1, anchor_ids=None,
                     chunk_size: int = 2048) -> Triplets:
-    """Smart mining (method.md §2, Algorithm 1): ``mine_triplets`` without the logging info."""
+    """Smart-mines A·T triplets from the anchors' neighbour lists (method.md §2, Algorithm 1).
+
+    The epoch's hard-but-not-too-hard triplets for the train steps (``mine_triplets`` without the
+    logging info). Each anchor's list S_i is walked in ascending distance: the first same-class
+    entry is the nearest positive p⁺ᴺᴺ and sets the exclusion boundary b = κ · d²(a, p⁺ᴺᴺ)
+    (Eq. 6) and is never a positive itself; after it, entries with d² >= b are valid. Slot s takes
+    the (s+1)-th valid negative and the closest valid positive farther than it, so every mined
+    triplet violates the ratio margin when mined; without such a positive, one of the anchor's
+    class drawn uniformly outside S_i. A slot without a valid negative becomes a random triplet
+    that keeps the anchor (``mined=False``); an anchor alone in its class, a fully random one.
+    Pure and jit-compatible: static shapes, no host callbacks, O(A·k) work.
+
+    Args:
+      key: PRNG key (``jax.random.key(seed)`` or a legacy uint32[2] ``jax.random.PRNGKey``); may
+        be traced. The random draws of anchor i depend on (key, i) only.
+      neighbour_ids: int[A, k], k >= 1 (any integer dtype, used as int32; int64 ids must fit in
+        int32). Row r lists the k nearest OTHER samples of anchor ``anchor_ids[r]`` (of sample r
+        when ``anchor_ids`` is None, then A = N), ascending by distance: the ``ids`` of
+        ``index.neighbours``. Every id in [0, N), never the row's own anchor. May be traced.
+      neighbour_sq_dists: float[A, k] (any float dtype, used as float32), the squared Euclidean
+        distances of those entries: same shape as ``neighbour_ids``, finite, each row ascending
+        (the ``sq_dists`` of ``index.neighbours``). May be traced.
+      labels: int[N] class labels of all N training samples (arbitrary integers, any integer
+        dtype). Concrete labels need N >= 3, two classes and a class of >= 2 samples; traced
+        labels are used as int32 unchecked.
+      kappa: κ >= 0, a finite scalar (Python float or f32[]); may be traced (no recompilation per
+        κ). Entries of a list closer than the exclusion boundary κ · d²(a, p⁺ᴺᴺ) (Eq. 6) are
+        skipped: a larger κ gives easier triplets.
+      triplets_per_anchor: T >= 1 triplet slots per anchor row (static Python int).
+      anchor_ids: optional int[A] sample ids in [0, N) of the rows (default None: row r is sample
+        r, A = N). Lets each process of a multi-host run mine its own anchors: the result equals
+        the matching rows of the full run under the same key. May be traced.
+      chunk_size: anchor rows processed together, >= 1 (static Python int); a memory and speed
+        knob with no effect on the result.
+
+    Returns:
+      ``Triplets`` NamedTuple of A·T entries, slot s of row r at index r·T + s:
+        anchor: i32[A·T] the row's anchor (a random anchor where the row's anchor is alone in
+          its class);
+        positive: i32[A·T] a sample of the anchor's class, never the anchor;
+        negative: i32[A·T] a sample of another class;
+        mined: bool[A·T], False where the slot fell back to a random triplet (no valid negative
+          left for it).
+
+    Raises:
+      ValueError: naming the argument: ``neighbour_ids`` not a 2-D integer array [A, k] with
+        k >= 1, an id outside [0, N), a row listing its own anchor, or A != N without
+        ``anchor_ids``; ``neighbour_sq_dists`` of another shape, not float, not finite or a row
+        not ascending; ``labels`` not 1-D integer, fewer than 3 samples, one class only, or no
+        class with two samples; ``anchor_ids`` not of shape [A] or outside [0, N);
+        ``kappa`` not a scalar, or a concrete κ negative or not finite; ``triplets_per_anchor``
+        not an integer >= 1.
+        Value checks run on concrete inputs only; under jit only shapes and dtypes are checked.
+
+    Example:
+      >>> import jax, numpy as np
+      >>> from smine_jax import index, mining
+      >>> embeddings = np.random.default_rng(0).normal(size=(8, 4)).astype(np.float32)
+      >>> labels = np.array([0, 0, 0, 0, 1, 1, 1, 1])
+      >>> ids, sq_dists = index.neighbours(embeddings, k=7)
+      >>> triplets = mining.sample_triplets(jax.random.key(0), ids, sq_dists, labels, kappa=1.0)
+      >>> triplets.anchor.shape, triplets.anchor.dtype, triplets.mined.dtype
+      ((8,), dtype('int32'), dtype('bool'))
+    """
     return mine_triplets(key, neighbour_ids, neighbour_sq_dists, labels, kappa,
                          triplets_per_anchor=triplets_per_anchor, anchor_ids=anchor_ids,
                          chunk_size=chunk_size)[0]
@@ -687,9 +849,38 @@ def _random(key, index: _ClassIndex, num_triplets: int) -> Triplets:
 
 
 def random_triplets(key, labels, num_triplets: int) -> Triplets:
-    """``num_triplets`` random triplets (method.md §2): uniform anchor among the samples of classes
-    with at least two members, uniform same-class positive != anchor, uniform other-class
-    negative; ``mined`` is all False. The baseline of epochs 1-2 and the random share after."""
+    """``num_triplets`` uniformly random triplets (method.md §2): the baseline of the random epochs.
+
+    The triplets of epochs 1-2 and the random share of every later epoch (``epoch_triplets``):
+    an anchor uniform among the samples of classes with at least two members, a positive uniform
+    in the anchor's class other than the anchor, a negative uniform among the other classes.
+    Pure and jit-compatible.
+
+    Args:
+      key: PRNG key (``jax.random.key(seed)`` or a legacy uint32[2] ``jax.random.PRNGKey``); may
+        be traced.
+      labels: int[N] class labels of all N training samples (arbitrary integers, any integer
+        dtype). Concrete labels need N >= 3, two classes and a class of >= 2 samples; traced
+        labels are used as int32 unchecked.
+      num_triplets: M >= 0 triplets to draw (static Python int; a whole float such as 4.0 is
+        accepted).
+
+    Returns:
+      ``Triplets`` of M entries: anchor, positive, negative i32[M] sample ids in [0, N) and
+      mined bool[M], all False.
+
+    Raises:
+      ValueError: ``num_triplets`` not a non-negative integer; concrete ``labels`` not 1-D
+        integer, fewer than 3 samples, one class only, or no class with two samples.
+
+    Example:
+      >>> import jax, numpy as np
+      >>> from smine_jax import mining
+      >>> labels = np.array([0, 0, 1, 1, 2])
+      >>> triplets = mining.random_triplets(jax.random.key(0), labels, 4)
+      >>> triplets.anchor.shape, bool(triplets.mined.any())
+      ((4,), False)
+    """
     num_triplets = validation.integer(num_triplets, "num_triplets", minimum=0, whole_floats=True)
     return _random(key, _index_of_labels(labels), num_triplets)
 
@@ -722,17 +913,48 @@ def _assemble(key, mined: Triplets, index: _ClassIndex, mined_fraction, *, num_t
 
 def epoch_triplets(key, mined: Triplets, labels, *, mined_fraction: float,
                    num_triplets: int | None = None) -> tuple[Triplets, EpochStats]:
-    """An epoch's triplet list: a share ``mined_fraction`` of mined triplets, the rest random,
-    shuffled (method.md §2 step 5).
+    """An epoch's triplet list: a share of mined triplets, the rest random, shuffled (method.md §2).
 
-    Takes round(mined_fraction · M) triplets with ``mined=True`` from ``mined`` (a uniformly
-    random subset when more are available; all of them when fewer are, see
-    ``EpochStats.mined_fraction`` for the share actually used), fills up to M
-    (default: ``len(mined.anchor)``) with fresh ``random_triplets`` and shuffles.
-    ``mined_fraction = 0`` gives random triplets only (epochs 1 and 2). In the result,
-    ``mined`` marks the triplets that came from mining. Slots of ``mined`` with ``mined=False``
-    (random fallbacks) are not reused. Multi-host: each process assembles its own list from its
-    own anchors' triplets; fold the process index into ``key``.
+    Step 5 of method.md §2. Takes round(mined_fraction · M) triplets with ``mined=True`` from
+    ``mined`` (a uniformly random subset when more are available; all of them when fewer are:
+    ``EpochStats.mined_fraction`` reports the share actually used), fills up to M with fresh
+    ``random_triplets`` and shuffles. Slots of ``mined`` with ``mined=False`` (random fallbacks)
+    are never reused. Multi-host: each process assembles its own list from its own anchors'
+    triplets; fold the process index into ``key``. Pure and jit-compatible.
+
+    Args:
+      key: PRNG key (``jax.random.key(seed)`` or a legacy uint32[2] ``jax.random.PRNGKey``); may
+        be traced.
+      mined: ``Triplets`` of M' candidates, e.g. from ``sample_triplets``: anchor, positive,
+        negative int[M'] sample ids in [0, N) and mined bool[M'], every field of shape (M',).
+        M' = 0 is allowed (then every triplet is random).
+      labels: int[N] class labels of all N training samples (arbitrary integers, any integer
+        dtype), the ones ``mined`` was mined with. Concrete labels need N >= 3, two classes and a
+        class of >= 2 samples; traced labels are used as int32 unchecked.
+      mined_fraction: target share of mined triplets, a float in [0, 1] (may be traced; checked
+        when concrete). 0 gives random triplets only (the random epochs).
+      num_triplets: M >= 0, the length of the list (static Python int; default None: M = M').
+
+    Returns:
+      (triplets, stats): ``Triplets`` of M entries in random order (anchor, positive, negative
+      i32[M]; mined bool[M], True for the triplets taken from ``mined``) and ``EpochStats``
+      (num_triplets i32[], num_mined i32[], mined_fraction f32[]).
+
+    Raises:
+      ValueError: ``mined_fraction`` outside [0, 1] (concrete only); ``num_triplets`` not a
+        non-negative integer; a field ``mined.<name>`` not of shape (M',); concrete ``labels``
+        not 1-D integer, fewer than 3 samples, one class only, or no class with two samples.
+
+    Example:
+      >>> import jax, numpy as np
+      >>> from smine_jax import mining
+      >>> labels = np.array([0, 0, 0, 1, 1, 1])
+      >>> mined = mining.Triplets(np.array([0, 3]), np.array([1, 4]), np.array([3, 0]),
+      ...                         np.array([True, True]))
+      >>> triplets, stats = mining.epoch_triplets(jax.random.key(0), mined, labels,
+      ...                                         mined_fraction=0.5, num_triplets=4)
+      >>> triplets.anchor.shape, int(stats.num_mined)
+      ((4,), 2)
     """
     num_candidates = int(np.shape(mined.anchor)[0])
     num_triplets = num_candidates if num_triplets is None else validation.integer(
@@ -752,7 +974,19 @@ def epoch_triplets(key, mined: Triplets, labels, *, mined_fraction: float,
 
 
 def mining_summary(triplets: Triplets, info: MiningInfo) -> dict[str, jax.Array]:
-    """Counts to log once per epoch: mined slots and each fallback."""
+    """Counts of an epoch's mining outcome, one scalar per name, to log once per epoch.
+
+    Args:
+      triplets: the ``Triplets`` of ``mine_triplets`` (A·T entries).
+      info: the ``MiningInfo`` of the same call.
+
+    Returns:
+      dict of i32[] scalars: ``triplets`` (A·T), ``mined`` (slots with a valid negative),
+      ``random_fallback`` (the others), ``anchor_replaced``, ``positive_fallback``,
+      ``pair_fallback`` (sums of the ``MiningInfo`` flags), ``anchors_without_positive`` (no
+      same-class entry in the list), ``anchors_mined`` (at least one valid negative) and
+      ``lists_inside_boundary``.
+    """
     return {
         "triplets": jnp.int32(triplets.mined.shape[0]),
         "mined": jnp.sum(triplets.mined, dtype=jnp.int32),
@@ -770,7 +1004,15 @@ def mining_summary(triplets: Triplets, info: MiningInfo) -> dict[str, jax.Array]
 
 
 class BatchPlanInfo(NamedTuple):
-    """What ``index_batches`` assembled, per batch and for the epoch, for logging."""
+    """What ``index_batches`` assembled, per batch and for the epoch, for logging.
+
+    Attributes:
+      smart_pairs: i32[num_batches] distinct seed anchors of the batch's smart slots whose own
+        image and smart negative's image are both in the batch.
+      random_classes: i32[num_batches] classes of the batch that came from the random fill,
+        not from a seed pair.
+      seeds_available: i32[] rows with a usable smart negative at this κ.
+    """
 
     smart_pairs: jax.Array  # i32[num_batches]: distinct seed anchors of the batch's smart
     #                         slots whose own image and smart negative's image are both in it
@@ -921,38 +1163,81 @@ def index_batches(key, neighbour_ids, neighbour_sq_dists, labels, kappa, *,
                   classes_per_batch: int, samples_per_class: int, num_batches: int,
                   smart_fraction: float = 1.0, anchor_ids=None,
                   chunk_size: int = 2048) -> tuple[jax.Array, jax.Array, BatchPlanInfo]:
-    """An epoch of class-balanced batches seeded with smart pairs (anchor, Algorithm 1 negative).
+    """An epoch of class-balanced batches seeded with smart pairs (method.md §6).
 
-    A batch is C = ``classes_per_batch`` classes of m = ``samples_per_class`` images: block j
-    (slots j·m … j·m + m − 1, as ``data.m_per_class_batches``) holds the j-th class. Its P = C // 2
-    pair slots, of which the first S = round(smart_fraction · P) (half up) are smart, each
-    propose two classes: a seed anchor's class and its smart negative's class, with the seed
-    and the negative as required members. A smart negative is slot 0 of Algorithm 1 at κ
-    (``mine_triplets``); a row is a usable seed when it has one whose class has >= 2 members.
-    The epoch's smart slots take the usable seeds in uniformly random order without
+    Puts each seed anchor and its smart negative (slot 0 of Algorithm 1 at κ) into one
+    m-per-class batch, so that in-batch miners and losses see the negatives the index found. A
+    batch is C = ``classes_per_batch`` classes of m = ``samples_per_class`` images: block j (slots
+    j·m … j·m + m − 1, as ``data.m_per_class_batches``) holds the j-th class. Of its P = C // 2
+    pair slots, the first S = round(smart_fraction · P) (half up) are smart: each proposes a seed
+    anchor's class and its smart negative's class, with the seed and the negative as required
+    members. A row is a usable seed when its smart negative exists and that negative's class has
+    >= 2 members; the epoch's smart slots take the usable seeds in uniformly random order without
     replacement, cycling when there are fewer; without any, the slots fall back to random. The
     batch's classes are the first C distinct ones of [seed 1, negative 1, …, seed S, negative S,
-    then C distinct random classes with >= 2 members in random order] (a repeated class keeps
-    its first occurrence and required member). A class gives its required member, then uniform
-    distinct others up to m; a class with fewer than m members gives all of them and the rest of
-    its block is masked out (id: its first member). So every image appears at most once per
-    batch and every class has at least two real members: every anchor has a positive pair.
+    then C distinct random classes with >= 2 members in random order]. A class gives its required
+    member, then uniform distinct others up to m; a class with fewer than m members gives all of
+    them and the rest of its block is masked out (id: its first member). So every image appears
+    at most once per batch and every class has at least two real members. Pure and
+    jit-compatible.
 
     Args:
-      key: PRNG key; the result is a pure function of the key and the inputs.
-      neighbour_ids, neighbour_sq_dists, labels, kappa, anchor_ids, chunk_size: as in
-        ``mine_triplets`` (κ may be traced).
-      classes_per_batch: C >= 2 (static); labels needs at least C classes with >= 2 members.
-      samples_per_class: m >= 2 (static).
-      num_batches: batches in the epoch, >= 1 (static).
-      smart_fraction: share of the pair slots seeded by smart pairs, a float in [0, 1] (static).
+      key: PRNG key (``jax.random.key(seed)`` or a legacy uint32[2] ``jax.random.PRNGKey``); may
+        be traced. The result is a pure function of the key and the inputs.
+      neighbour_ids: int[A, k], k >= 1 (any integer dtype, used as int32; int64 ids must fit in
+        int32). Row r lists the k nearest OTHER samples of anchor ``anchor_ids[r]`` (of sample r
+        when ``anchor_ids`` is None, then A = N), ascending by distance: the ``ids`` of
+        ``index.neighbours``. Every id in [0, N), never the row's own anchor. May be traced.
+      neighbour_sq_dists: float[A, k] (any float dtype, used as float32), the squared Euclidean
+        distances of those entries: same shape as ``neighbour_ids``, finite, each row ascending
+        (the ``sq_dists`` of ``index.neighbours``). May be traced.
+      labels: int[N] class labels of all N training samples (arbitrary integers, any integer
+        dtype). Concrete labels need N >= 3, two classes and a class of >= 2 samples; traced
+        labels are used as int32 unchecked.
+        At least C = ``classes_per_batch`` classes need >= 2 members.
+      kappa: κ >= 0, a finite scalar (Python float or f32[]); may be traced (no recompilation per
+        κ). Entries of a list closer than the exclusion boundary κ · d²(a, p⁺ᴺᴺ) (Eq. 6) are
+        skipped: a larger κ gives easier triplets.
+      classes_per_batch: C >= 2 classes per batch (static Python int).
+      samples_per_class: m >= 2 images per class (static Python int).
+      num_batches: batches in the epoch, >= 1 (static Python int).
+      smart_fraction: share of the pair slots seeded by smart pairs, a concrete float in [0, 1]
+        (static: it sets the number of smart slots).
+      anchor_ids: optional int[A] sample ids in [0, N) of the rows (default None: row r is sample
+        r, A = N). Lets each process of a multi-host run mine its own anchors: the result equals
+        the matching rows of the full run under the same key. May be traced.
+      chunk_size: anchor rows processed together, >= 1 (static Python int); a memory and speed
+        knob with no effect on the result.
 
     Returns:
-      (ids i32[num_batches, C·m], mask bool[num_batches, C·m], BatchPlanInfo).
+      (ids, mask, info): ids i32[num_batches, C·m] sample ids in [0, N); mask bool[num_batches,
+      C·m], False on the padded slots of classes with fewer than m members; info
+      ``BatchPlanInfo`` (smart_pairs i32[num_batches], random_classes i32[num_batches],
+      seeds_available i32[]).
 
     Raises:
-      ValueError: for malformed inputs, naming the argument (value checks on concrete inputs
-        only; under jit the inputs are trusted).
+      ValueError: naming the argument: ``neighbour_ids`` not a 2-D integer array [A, k] with
+        k >= 1, an id outside [0, N), a row listing its own anchor, or A != N without
+        ``anchor_ids``; ``neighbour_sq_dists`` of another shape, not float, not finite or a row
+        not ascending; ``labels`` not 1-D integer, fewer than 3 samples, one class only, or no
+        class with two samples; ``anchor_ids`` not of shape [A] or outside [0, N);
+        ``kappa`` not a scalar, or a concrete κ negative or not finite; ``classes_per_batch`` < 2,
+        ``samples_per_class`` < 2 or ``num_batches`` < 1 (or not integers); ``smart_fraction``
+        traced or outside [0, 1]; ``classes_per_batch`` larger than the number of classes with
+        >= 2 samples.
+        Value checks run on concrete inputs only; under jit only shapes and dtypes are checked.
+
+    Example:
+      >>> import jax, numpy as np
+      >>> from smine_jax import index, mining
+      >>> embeddings = np.random.default_rng(0).normal(size=(8, 4)).astype(np.float32)
+      >>> labels = np.array([0, 0, 0, 0, 1, 1, 1, 1])
+      >>> ids, sq_dists = index.neighbours(embeddings, k=7)
+      >>> batch_ids, mask, info = mining.index_batches(
+      ...     jax.random.key(0), ids, sq_dists, labels, 1.0, classes_per_batch=2,
+      ...     samples_per_class=2, num_batches=3)
+      >>> batch_ids.shape, mask.dtype
+      ((3, 4), dtype('bool'))
     """
     num_classes, num_members, num_batches = (
         validation.integer(value, name, minimum=low, whole_floats=True) for value, name, low in (

@@ -1206,10 +1206,28 @@ def train_and_evaluate(config, workdir) -> dict[str, float]:
     """Trains with the configured variant and returns the final test metrics (method.md §2–4).
 
     Resumes from workdir/checkpoints when there is a checkpoint (the config must match up to
-    RESUMABLE_FIELDS). Writes workdir/config.json, workdir/metrics.jsonl and metric-writer
-    summaries. Raises ValueError naming the config field for bad settings, `Preempted` after
-    saving a checkpoint on SIGTERM or SIGINT, `Diverged` at a non-finite step, `DiskFull`
-    when a write finds no space (the last complete checkpoint and metrics.jsonl are kept).
+    RESUMABLE_FIELDS; a mid-epoch checkpoint goes on with its saved epoch plan). Every process
+    of a multi-process run calls it with the same config and the same (shared) workdir.
+
+    Args:
+      config: an ``ml_collections.ConfigDict`` as ``smine_jax.configs.<dataset>.get_config``
+        makes it (sections data, model, optimizer, train, loss, mining, controller, subset).
+      workdir: folder (str or Path) for config.json, metrics.jsonl, TensorBoard events,
+        checkpoints (checkpoints/, checkpoints_best/), embedding dumps and triplet files;
+        created if missing.
+
+    Returns:
+      dict str -> float: the test metrics after the last epoch (recall@1/2/4/8, nmi, map@r,
+      r_precision, num_queries, num_excluded_queries; ``metrics.evaluate``).
+
+    Raises:
+      ValueError: a config value the trainer cannot use (names ``config.<section>.<field>``),
+        or a workdir holding a run with another config.
+      Preempted: SIGTERM or SIGINT, after saving a checkpoint (rerun the same call to resume).
+      Diverged: a non-finite loss, gradient or update (nothing after the last checkpoint kept).
+      DiskFull: a write found no space (the last complete checkpoint and metrics.jsonl kept).
+      CheckpointError: no checkpoint in workdir/checkpoints restores.
+      SharedWorkdirError: several processes that do not share one workdir.
     """
     from tqdm.auto import tqdm
 

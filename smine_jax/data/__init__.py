@@ -112,7 +112,15 @@ _NAMES = ("cub", "cars196", "omniglot", "folder")
 
 
 def default_config():
-    """A `config.data` ConfigDict with every field at its default."""
+    """A ``config.data`` ConfigDict with every field at its default (the base of every config file).
+
+    Returns:
+      ``ml_collections.ConfigDict`` with the fields of the module docstring (name "cub", source
+      "", image_size 256, crop_size 227, channels 3, val_classes 0.1, ...).
+
+    Raises:
+      ImportError: ml_collections is not installed.
+    """
     import ml_collections
 
     return ml_collections.ConfigDict(dict(DEFAULTS))
@@ -121,7 +129,27 @@ def default_config():
 def resolve_config(config_data) -> dict:
     """The data fields as a plain dict: defaults filled in, name and source resolved, checked.
 
-    Raises ValueError naming `data.<field>` for an unknown field or a bad value.
+    The single validation point of ``config.data``: every other data entry point goes through it.
+
+    Args:
+      config_data: the ``config.data`` section: an ``ml_collections.ConfigDict`` or a mapping of
+        its fields (name, source, dir, strict_counts, image_size, crop_size, channels, flip,
+        cache_dir, mean, std, split_dirs, train_fraction, val_classes, val_seed,
+        skip_unreadable, download_url, num_workers; see the module docstring); missing or None
+        fields take their defaults.
+
+    Returns:
+      dict with every field: ``name`` canonical ("cub", "cars196", "omniglot", "folder"),
+      ``source`` resolved ("tfds" or "folder"), ``dir`` and ``cache_dir`` as str (``cache_dir``
+      defaults to $SMINE_JAX_CACHE or ~/.cache/smine_jax), ``mean``/``std`` tuples of floats,
+      ``val_classes`` a float share or an int count, the integers as int.
+
+    Raises:
+      ValueError: naming ``data.<field>``: an unknown field, an unknown name or source, tfds for
+        a dataset that tfds does not hold, image_size or crop_size < 1, crop_size > image_size,
+        channels not 1 or 3, mean/std with neither 1 nor C values or std not positive,
+        val_classes neither a share in [0, 1) nor a count >= 2, a non-integer val_seed, a
+        non-bool skip_unreadable.
     """
     given = dict(config_data.items()) if hasattr(config_data, "items") else dict(config_data)
     unknown = sorted(set(given) - set(DEFAULTS))
@@ -180,7 +208,29 @@ def resolve_config(config_data) -> dict:
 
 
 def build_dataset(config_data, *, progress: bool = True) -> Dataset:
-    """The full record (both splits) that `config_data` names, official counts checked."""
+    """The full record (both splits) that ``config_data`` names, official counts checked.
+
+    Lists the dataset's images and labels (no decoding; Omniglot without ``dir`` is downloaded
+    once into ``cache_dir``). Pass the result to ``load`` to load several splits without listing
+    the data twice.
+
+    Args:
+      config_data: the ``config.data`` section: an ``ml_collections.ConfigDict`` or a mapping of
+        its fields (name, source, dir, strict_counts, image_size, crop_size, channels, flip,
+        cache_dir, mean, std, split_dirs, train_fraction, val_classes, val_seed,
+        skip_unreadable, download_url, num_workers; see the module docstring); missing or None
+        fields take their defaults.
+      progress: show a progress bar while tfds labels are read (default True).
+
+    Returns:
+      ``Dataset`` with split "all": items, labels i32[N], class names, is_train bool[N].
+
+    Raises:
+      ValueError: a bad config field (as ``resolve_config``, naming ``data.<field>``);
+        ``data.dir`` missing for a folder source or not holding the dataset; tfds data not
+        prepared; official train/test counts that differ with ``strict_counts``.
+      DownloadError: the Omniglot download failed or did not verify.
+    """
     cfg = resolve_config(config_data)
     name, directory = cfg["name"], cfg["dir"]
     if cfg["source"] == "folder" and not directory and name != "omniglot":
@@ -211,7 +261,22 @@ def build_dataset(config_data, *, progress: bool = True) -> Dataset:
 def preprocessors(config_data):
     """(train_fn(key, images), eval_fn(images)) with the configured crop, flip, mean and std.
 
-    Both are pure functions of uint8 [B, S, S, C] batches, to call inside the jitted step.
+    Both are pure functions of uint8[B, S, S, C] batches, to call inside the jitted step:
+    ``train_fn`` is ``augment`` (random crop, flip, normalisation), ``eval_fn`` is
+    ``center_crop``; both return float32 [B, crop_size, crop_size, C].
+
+    Args:
+      config_data: the ``config.data`` section: an ``ml_collections.ConfigDict`` or a mapping of
+        its fields (name, source, dir, strict_counts, image_size, crop_size, channels, flip,
+        cache_dir, mean, std, split_dirs, train_fraction, val_classes, val_seed,
+        skip_unreadable, download_url, num_workers; see the module docstring); missing or None
+        fields take their defaults.
+
+    Returns:
+      (train_fn, eval_fn), two callables.
+
+    Raises:
+      ValueError: a bad config field, naming ``data.<field>``.
     """
     cfg = resolve_config(config_data)
     common = dict(crop_size=cfg["crop_size"], mean=cfg["mean"], std=cfg["std"])
@@ -253,11 +318,20 @@ class ImageSplit:
 
 
 def validation_classes(num_classes: int, val_classes, *, seed: int = 0) -> np.ndarray:
-    """The labels (sorted) of the training classes held out for validation.
+    """The labels (sorted) of the training classes held out for validation (method.md §4).
 
-    `val_classes`: a share in [0, 1) (⌊share × num_classes⌋ classes, none when that is below
-    2) or a count >= 2; 0 = none. The classes are a uniform draw seeded by `seed`. ValueError
-    naming data.val_classes when fewer than 2 training classes would remain.
+    Args:
+      num_classes: C, the number of training classes (labels 0..C-1).
+      val_classes: a share in [0, 1) (⌊share × C⌋ classes, none when that is below 2) or a count
+        >= 2; 0 = none.
+      seed: integer seed of the uniform draw of the classes (default 0).
+
+    Returns:
+      numpy i32[V] sorted labels in [0, C); V = 0 when nothing is held out.
+
+    Raises:
+      ValueError: naming ``data.val_classes``: a count below 2, or fewer than 2 training classes
+        would remain.
     """
     count = (int(np.floor(val_classes * num_classes)) if val_classes < 1 else int(val_classes))
     if val_classes < 1 and count < 2:
@@ -273,9 +347,22 @@ def validation_classes(num_classes: int, val_classes, *, seed: int = 0) -> np.nd
 
 
 def split_validation(train: Dataset, val_classes, *, seed: int = 0) -> tuple[Dataset, Dataset]:
-    """(train minus the validation classes, the validation classes) of a training record, each
-    with labels re-indexed 0-based (`validation_classes` picks them). The validation record is
-    empty when no class is held out."""
+    """(train minus the validation classes, the validation classes) of a training record.
+
+    Each record has its labels re-indexed 0-based; ``validation_classes`` picks the classes.
+
+    Args:
+      train: the training ``Dataset`` (e.g. ``build_dataset(...).subset("train")``).
+      val_classes: a share in [0, 1) or a count >= 2 of the training classes; 0 = none.
+      seed: integer seed of the draw of the classes (default 0).
+
+    Returns:
+      (kept, val): two ``Dataset`` records with splits "train" and "val"; ``val`` is empty when
+      no class is held out.
+
+    Raises:
+      ValueError: naming ``data.val_classes`` (see ``validation_classes``).
+    """
     held_out = np.isin(train.labels, validation_classes(train.num_classes, val_classes,
                                                         seed=seed))
     return (train.select(np.flatnonzero(~held_out), split="train"),
@@ -304,12 +391,32 @@ def _validation_split(train: Dataset, val_classes, seed: int):
 
 def load(config_data, *, split: str, dataset: Dataset | None = None,
          progress: bool = True) -> ImageSplit | None:
-    """The `split` ("train", "val" or "test") of the configured dataset with its image cache.
+    """The ``split`` ("train", "val" or "test") of the configured dataset with its image cache.
 
-    "train" leaves out the validation classes (`data.val_classes`), "val" is those classes
-    (None when `data.val_classes` holds none out). Pass `dataset` (from `build_dataset`) to
-    load several splits without listing the data twice. The cache is built on first use
-    (decoded once, in parallel) and reused afterwards.
+    "train" leaves out the validation classes (``data.val_classes``), "val" is those classes.
+    The cache is built on first use (every image decoded once, in parallel, resized to
+    image_size²) and memory-mapped afterwards.
+
+    Args:
+      config_data: the ``config.data`` section: an ``ml_collections.ConfigDict`` or a mapping of
+        its fields (name, source, dir, strict_counts, image_size, crop_size, channels, flip,
+        cache_dir, mean, std, split_dirs, train_fraction, val_classes, val_seed,
+        skip_unreadable, download_url, num_workers; see the module docstring); missing or None
+        fields take their defaults.
+      split: "train", "val" or "test" (keyword-only).
+      dataset: optional ``Dataset`` from ``build_dataset`` (default None: built here), to load
+        several splits without listing the data twice.
+      progress: show progress bars (default True).
+
+    Returns:
+      ``ImageSplit`` (dataset, images uint8[N, S, S, C] read-only memory map, counts, skipped;
+      ``labels`` i32[N] 0-based), or None for "val" when no class is held out.
+
+    Raises:
+      ValueError: ``split`` unknown; a bad config field, naming ``data.<field>``; a validation
+        split too small to evaluate.
+      ImageReadError: an image does not decode (without ``data.skip_unreadable``).
+      DownloadError: the Omniglot download failed.
     """
     cfg = resolve_config(config_data)
     if split not in SPLITS:

@@ -38,7 +38,19 @@ _CHUNK = 32  # images per task: amortises scheduling, keeps the progress bar liv
 
 
 def cache_key(dataset: Dataset, *, image_size: int, channels: int) -> str:
-    """sha256 over what determines the cache's content (see the module docstring)."""
+    """sha256 hex digest over what determines a cache's content; a changed input gets a new file.
+
+    Hashes the format version, name, source, root, split, size, channels, resize method and the
+    records' content fingerprint (file paths, sizes and mtimes, or the tfds version and counts).
+
+    Args:
+      dataset: the ``Dataset`` record.
+      image_size: S of the cache, a positive int.
+      channels: 1 or 3.
+
+    Returns:
+      str, 64 hex characters.
+    """
     return sha256_json({
         "format": CACHE_FORMAT, "name": dataset.name, "source": dataset.source,
         "root": dataset.root, "split": dataset.split, "image_size": int(image_size),
@@ -48,14 +60,30 @@ def cache_key(dataset: Dataset, *, image_size: int, channels: int) -> str:
 
 def cache_path(dataset: Dataset, cache_dir, *, image_size: int, channels: int,
                key: str | None = None) -> Path:
-    """Where the cache of `dataset` at this size lives (the sidecar adds `.json`)."""
+    """Where the cache of ``dataset`` at this size lives (the JSON sidecar adds ``.json``).
+
+    Args:
+      dataset: the ``Dataset`` record.
+      cache_dir: str or path-like folder of the caches (``~`` expanded).
+      image_size: S of the cache, a positive int.
+      channels: 1 or 3.
+      key: the ``cache_key`` if already computed (default None: computed here).
+
+    Returns:
+      ``pathlib.Path`` ``<cache_dir>/<name>-<split>-<S>px-<C>ch-<key[:16]>.npy``.
+    """
     key = key or cache_key(dataset, image_size=image_size, channels=channels)
     name = f"{dataset.name}-{dataset.split}-{image_size}px-{channels}ch-{key[:16]}.npy"
     return Path(cache_dir).expanduser() / name
 
 
 class CachedImages(NamedTuple):
-    """A cache and the images it could not decode ({sample id: reason}; their rows are 0)."""
+    """A cache and the images it could not decode (``build_cache``).
+
+    Attributes:
+      images: read-only memory-mapped uint8[N, S, S, C], row i = sample i.
+      unreadable: {sample id: reason} of the images that did not decode (their rows are 0).
+    """
 
     images: np.ndarray
     unreadable: dict[int, str]
@@ -64,11 +92,27 @@ class CachedImages(NamedTuple):
 def cached_images(dataset: Dataset, cache_dir, *, image_size: int = 256, channels: int = 3,
                   num_workers: int | None = None, executor: str = "thread",
                   progress: bool = True) -> np.ndarray:
-    """The read-only memory-mapped uint8 [N, image_size, image_size, channels] of `dataset`.
+    """The read-only memory-mapped uint8[N, image_size, image_size, channels] of ``dataset``.
 
-    Reuses a complete cache with the same key, else decodes every image once (see module
-    docstring). `executor` is "thread" or "process"; `num_workers` defaults to the CPU count.
-    An unreadable image raises ImageReadError naming its file (`build_cache` can skip them).
+    Reuses a complete cache with the same key, else decodes every image once into a temporary
+    file that is renamed when complete (see the module docstring).
+
+    Args:
+      dataset: the ``Dataset`` record to decode (one split, N >= 1 images).
+      cache_dir: str or path-like folder of the cache files (created if missing).
+      image_size: S, the side every image is squashed to, a positive int (default 256).
+      channels: 3 (RGB; default) or 1 (luminance).
+      num_workers: decoding workers, a positive int (default None: the CPU count).
+      executor: "thread" (default; PIL releases the GIL) or "process" (spawned processes).
+      progress: show a progress bar (default True).
+
+    Returns:
+      numpy memmap uint8[N, S, S, C], read-only, row i = sample i.
+
+    Raises:
+      ValueError: ``image_size`` not a positive integer, ``channels`` not 1 or 3, ``executor``
+        unknown, or ``dataset`` empty.
+      ImageReadError: an image does not decode (naming its file); ``build_cache`` can skip them.
     """
     return build_cache(dataset, cache_dir, image_size=image_size, channels=channels,
                        num_workers=num_workers, executor=executor, progress=progress).images
@@ -77,10 +121,33 @@ def cached_images(dataset: Dataset, cache_dir, *, image_size: int = 256, channel
 def build_cache(dataset: Dataset, cache_dir, *, image_size: int = 256, channels: int = 3,
                 num_workers: int | None = None, executor: str = "thread",
                 progress: bool = True, skip_unreadable: bool = False) -> CachedImages:
-    """`cached_images` with the choice to skip unreadable images: with `skip_unreadable`, an
-    image that does not decode leaves a row of zeros and is listed (with the reason) in the
-    result and in the cache's sidecar, so a later run finds the same list without decoding;
-    without it, the first one raises ImageReadError (also when the cache lists some)."""
+    """``cached_images`` with the choice to skip unreadable images; returns them with the cache.
+
+    With ``skip_unreadable``, an image that does not decode leaves a row of zeros and is listed
+    (with the reason) in the result and in the cache's sidecar, so a later run finds the same
+    list without decoding; without it, the first one raises ImageReadError (also when the cache
+    lists some).
+
+    Args:
+      dataset: the ``Dataset`` record to decode (one split, N >= 1 images).
+      cache_dir: str or path-like folder of the cache files (created if missing).
+      image_size: S, the side every image is squashed to, a positive int (default 256).
+      channels: 3 (RGB; default) or 1 (luminance).
+      num_workers: decoding workers, a positive int (default None: the CPU count).
+      executor: "thread" (default; PIL releases the GIL) or "process" (spawned processes).
+      progress: show a progress bar (default True).
+      skip_unreadable: leave undecodable images as zero rows instead of raising (default False).
+
+    Returns:
+      ``CachedImages``: images (read-only memmap uint8[N, S, S, C]) and unreadable
+      ({sample id: reason}, empty when every image decoded).
+
+    Raises:
+      ValueError: ``image_size`` not a positive integer, ``channels`` not 1 or 3, ``executor``
+        unknown, or ``dataset`` empty.
+      ImageReadError: an image does not decode and ``skip_unreadable`` is False.
+      RuntimeError: the cache just written cannot be read back.
+    """
     image_size = positive_int(image_size, "image_size")
     channels = check_channels(channels)
     if executor not in ("thread", "process"):

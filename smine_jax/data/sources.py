@@ -310,9 +310,21 @@ def _read_table(path: Path, columns: int) -> list[list[str]]:
 
 
 def cub_folder(directory, *, field: str = "data.dir") -> Dataset:
-    """The native `CUB_200_2011/` folder (images.txt, image_class_labels.txt, classes.txt).
+    """The native ``CUB_200_2011/`` folder (images.txt, image_class_labels.txt, classes.txt).
 
-    `directory` is the CUB_200_2011 folder or its parent. Classes 1–100 train, 101–200 test.
+    Classes 1–100 train, 101–200 test (method.md §5).
+
+    Args:
+      directory: str or path-like, the CUB_200_2011 folder or its parent.
+      field: the config field to name in error messages (default "data.dir").
+
+    Returns:
+      ``Dataset`` with split "all" (both splits; ``subset("train")`` / ``subset("test")`` take
+      one): items, labels i32[N] 0-based over all classes, class names, is_train bool[N].
+
+    Raises:
+      ValueError: naming ``field``: not a directory, or no CUB folder in it or its subfolders; a
+        malformed table line (naming file and line) or an image without a class.
     """
     root = _locate(directory, lambda p: (p / "images.txt").is_file() and (p / "images").is_dir(),
                    "CUB_200_2011 folder (images.txt and images/)", field)
@@ -333,10 +345,22 @@ def cub_folder(directory, *, field: str = "data.dir") -> Dataset:
 
 
 def cars_folder(directory, *, field: str = "data.dir") -> Dataset:
-    """The native Cars196 folder: `cars_annos.mat` (read with scipy.io.loadmat) + `car_ims/`.
+    """The native Cars196 folder: ``cars_annos.mat`` (read with scipy.io.loadmat) + ``car_ims/``.
 
-    `directory` is that folder or its parent. Classes 1–98 train, 99–196 test (the mat file's
-    own train/test flags are the classification split and are ignored).
+    Classes 1–98 train, 99–196 test (the mat file's own train/test flags are the classification
+    split and are ignored).
+
+    Args:
+      directory: str or path-like, the folder holding cars_annos.mat, or its parent.
+      field: the config field to name in error messages (default "data.dir").
+
+    Returns:
+      ``Dataset`` with split "all" (both splits; ``subset("train")`` / ``subset("test")`` take
+      one): items, labels i32[N] 0-based over all classes, class names, is_train bool[N].
+
+    Raises:
+      ValueError: naming ``field``: not a directory, or no cars_annos.mat in it or its
+        subfolders.
     """
     import scipy.io
 
@@ -393,11 +417,30 @@ def _class_images(sub_root: Path) -> dict[str, list[str]]:
 def class_folders(directory, *, split_dirs: Sequence[str] | None = None,
                   train_fraction: float = 0.5, name: str = "folder",
                   field: str = "data.dir") -> Dataset:
-    """Images in class folders `directory/<class>/<image>` (PNG or JPEG).
+    """Images in class folders ``directory/<class>/<image>`` (PNG or JPEG): any dataset on disk.
 
-    Split: with `split_dirs=(train_dir, test_dir)`, the classes under `directory/train_dir` train
-    and those under `directory/test_dir` test; otherwise the sorted class list is cut and its
-    first floor(train_fraction × C) classes train.
+    A class is any folder that directly holds images (so ``root/<alphabet>/<character>/`` works
+    too); hidden files are skipped. Split: with ``split_dirs=(train_dir, test_dir)``, the classes
+    under ``directory/train_dir`` train and those under ``directory/test_dir`` test; otherwise the
+    sorted class list is cut and its first floor(train_fraction × C) classes train.
+
+    Args:
+      directory: str or path-like, the root folder.
+      split_dirs: optional (train_dir, test_dir) folder names under ``directory`` (default None:
+        cut the class list).
+      train_fraction: share of the sorted classes that train when ``split_dirs`` is not given, a
+        float giving each split at least one class (default 0.5).
+      name: the record's name (default "folder"; part of the cache key).
+      field: the config field to name in error messages (default "data.dir").
+
+    Returns:
+      ``Dataset`` with split "all" (both splits; ``subset("train")`` / ``subset("test")`` take
+      one): items, labels i32[N] 0-based over all classes, class names, is_train bool[N].
+
+    Raises:
+      ValueError: naming ``field``: not a directory, a missing split folder, no images, images
+        directly in a split root; ``split_dirs`` not two names; ``train_fraction`` leaving a split
+        without classes.
     """
     root = Path(directory).expanduser()
     if not root.is_dir():
@@ -440,10 +483,21 @@ def _is_omniglot(path: Path) -> bool:
 
 
 def omniglot_folder(directory, *, field: str = "data.dir") -> Dataset:
-    """Omniglot: `images_background/` (964 training classes), `images_evaluation/` (659 test).
+    """Omniglot: ``images_background/`` (964 training classes), ``images_evaluation/`` (659 test).
 
-    `directory` holds both folders or is their parent; a class is a character folder (with or
-    without the alphabet level of the official archives).
+    A class is a character folder (with or without the alphabet level of the official archives).
+
+    Args:
+      directory: str or path-like, the folder holding both subfolders, or its parent.
+      field: the config field to name in error messages (default "data.dir").
+
+    Returns:
+      ``Dataset`` with split "all" (both splits; ``subset("train")`` / ``subset("test")`` take
+      one): items, labels i32[N] 0-based over all classes, class names, is_train bool[N].
+
+    Raises:
+      ValueError: naming ``field``: not a directory, or no Omniglot folder in it or its
+        subfolders.
     """
     root = _locate(directory, _is_omniglot,
                    "Omniglot folder (images_background/ and images_evaluation/)", field)
@@ -455,10 +509,25 @@ def download_omniglot(cache_dir, *, base_url: str = OMNIGLOT_URL,
                       timeout: float = 30.0) -> Path:
     """Downloads and unpacks the two official Omniglot archives once; returns the folder.
 
-    Each archive is fetched from `base_url + name` (https, or file:// for tests), checked against
-    its size and sha256, and unpacked with `zipfile` into a temporary folder that is renamed to
-    `cache_dir/omniglot` only when complete. Offline, this fails at once with a message that
-    names `--config.data.dir` as the alternative.
+    Each archive is fetched from ``base_url + name`` (https, or file:// for tests), checked
+    against its size and sha256, and unpacked into a temporary folder that is renamed to
+    ``cache_dir/omniglot`` only when complete; a complete folder is reused without downloading.
+
+    Args:
+      cache_dir: str or path-like; downloads go to ``cache_dir/downloads``, the data to
+        ``cache_dir/omniglot``.
+      base_url: URL prefix of the archives (default: the official GitHub folder).
+      archives: optional {file name: (size in bytes, sha256 hex)} (default: the two official
+        archives).
+      timeout: seconds per connection attempt (default 30.0).
+
+    Returns:
+      ``pathlib.Path`` of the unpacked folder (images_background/ and images_evaluation/).
+
+    Raises:
+      DownloadError: a download failed (offline: the message names ``--config.data.dir`` as the
+        alternative) or did not verify.
+      ValueError: the archives do not unpack to the two Omniglot folders.
     """
     archives = OMNIGLOT_ARCHIVES if archives is None else archives
     cache_dir = Path(cache_dir).expanduser()
@@ -531,9 +600,24 @@ def tfds_dataset(name: str, *, data_dir=None, cache_dir, progress: bool = True,
     """CUB ("cub") or Cars196 ("cars196") from tfds array_record files, re-split by class.
 
     Both official splits are merged; tfds labels are 0-based, so official class id = label + 1.
-    Reading a record decodes its image, so the labels of all records are read once (one pass,
-    in parallel) and kept in a small JSON file in `cache_dir` keyed by the dataset version,
+    Reading a record decodes its image, so the labels of all records are read once (one pass, in
+    parallel) and kept in a small JSON file in ``cache_dir`` keyed by the dataset version,
     data_dir and record counts.
+
+    Args:
+      name: "cub" or "cars196".
+      data_dir: the tfds data_dir (default None: tfds's default).
+      cache_dir: str or path-like folder of the label file (keyword-only, required).
+      progress: show a progress bar while labels are read (default True).
+      num_workers: threads reading labels, a positive int (default None: the CPU count).
+
+    Returns:
+      ``Dataset`` with split "all" (source "tfds"); classes 1–100 (CUB) or 1–98 (Cars) train.
+
+    Raises:
+      ValueError: naming ``data.name`` for another name; the tfds data not prepared in
+        ``data_dir`` (the message says how to prepare it).
+      ImportError: tensorflow_datasets is not installed.
     """
     import tensorflow_datasets as tfds
 
@@ -599,9 +683,19 @@ def _tfds_labels(reader: TfdsImages, items, cache_dir, progress, num_workers):
 def check_official_counts(dataset: Dataset, *, strict: bool = True) -> dict[str, int]:
     """Checks the train/test image counts of CUB, Cars196 and Omniglot; returns the counts.
 
-    A mismatch raises ValueError stating the expected and found counts and the override
-    `--config.data.strict_counts=False`; with strict=False it is logged as a warning instead.
-    Other datasets are not checked.
+    Guards against a partial or differently split dataset (method.md §5). Other datasets are not
+    checked.
+
+    Args:
+      dataset: a full ``Dataset`` record (both splits).
+      strict: raise on a mismatch (default True); False logs a warning instead.
+
+    Returns:
+      {"train": int, "test": int} image counts.
+
+    Raises:
+      ValueError: with ``strict``, counts that differ from the official ones (the message gives
+        both and the override ``--config.data.strict_counts=False``).
     """
     counts = dataset.counts()
     expected = OFFICIAL_COUNTS.get(dataset.name)

@@ -134,7 +134,17 @@ def _check_name(name) -> str:
 
 
 def model_spec(name: str) -> ModelSpec:
-    """The ModelSpec of architecture `name` ("googlenet" | "resnet50" | "small_conv")."""
+    """The ModelSpec of architecture ``name``: the input size, channels and normalisation it needs.
+
+    Args:
+      name: "googlenet", "resnet50" or "small_conv" (case-insensitive).
+
+    Returns:
+      ``ModelSpec`` (input_size, image_size, channels, mean, std; None where any value works).
+
+    Raises:
+      ValueError: naming ``model.name`` for an unknown architecture.
+    """
     return _SPECS[_check_name(name)]
 
 
@@ -143,11 +153,17 @@ def model_spec(name: str) -> ModelSpec:
 
 
 def l2_normalise(x, epsilon: float = 1e-12):
-    """x / max(‖x‖₂, epsilon) along the last axis, in float32 (method.md §1: unit-length
-    embeddings).
+    """x / max(‖x‖₂, epsilon) along the last axis, in float32: unit embeddings (method.md §1).
 
     Safe at x = 0: the output is 0 and the gradient finite (the max cuts the 1/‖x‖ branch), as
-    torch.nn.functional.normalize.
+    torch.nn.functional.normalize. Pure and jit-compatible.
+
+    Args:
+      x: real array [..., D] (any float dtype).
+      epsilon: smallest norm divided by, a float > 0 (default 1e-12).
+
+    Returns:
+      jax.Array f32[..., D], each row of norm 1 (or 0 for a zero row).
     """
     x = x.astype(jnp.float32)
     squared_norm = jnp.sum(jnp.square(x), axis=-1, keepdims=True)
@@ -185,7 +201,20 @@ class EmbeddingModel(nn.Module):
 
 
 def default_config(name: str = "googlenet"):
-    """A ``config.model`` ConfigDict for architecture `name`, every field at its default."""
+    """A ``config.model`` ConfigDict for architecture ``name``, every field at its default.
+
+    Args:
+      name: "googlenet" (default), "resnet50" or "small_conv".
+
+    Returns:
+      ``ml_collections.ConfigDict``: name, embedding_dim 64, dtype "float32", init_from None (a
+      str placeholder), allow_missing False, allow_unexpected False, l2_normalise True, plus the
+      architecture's own fields (googlenet: transform_input True, dropout_rate 0.0; small_conv:
+      width 64, depth 4, pooling "avg").
+
+    Raises:
+      ValueError: naming ``model.name`` for an unknown architecture.
+    """
     import ml_collections
     from ml_collections import config_dict
 
@@ -237,9 +266,24 @@ def _resolve_config(model_config) -> dict[str, Any]:
 
 
 def build_model(model_config) -> EmbeddingModel:
-    """The EmbeddingModel that ``config.model`` describes (ValueError naming a bad field).
+    """The ``EmbeddingModel`` that ``config.model`` describes: backbone -> linear head -> L2 norm.
 
     ``init_from`` is not read here: ``init_variables`` (or ``load_pretrained``) applies it.
+
+    Args:
+      model_config: the ``config.model`` section, an ``ml_collections.ConfigDict`` or a mapping:
+        name ("googlenet" | "resnet50" | "small_conv"), embedding_dim (64), dtype ("float32" |
+        "bfloat16"), init_from (weight file or None), allow_missing, allow_unexpected,
+        l2_normalise; googlenet: transform_input, dropout_rate in [0, 1); small_conv: width,
+        depth, pooling. Fields of another architecture are ignored; missing ones default.
+
+    Returns:
+      ``EmbeddingModel`` (a Flax Linen module); ``apply(variables, images)`` maps normalised
+      float images [N, H, W, C] to f32[N, embedding_dim] embeddings.
+
+    Raises:
+      ValueError: naming the field (``config.model`` not a mapping, an unknown field, an unknown
+        name or dtype, a bad embedding_dim, dropout_rate, width, depth, pooling or flag).
     """
     cfg = _resolve_config(model_config)
     dtype = DTYPES[cfg["dtype"]]
@@ -256,12 +300,27 @@ def build_model(model_config) -> EmbeddingModel:
 
 
 def init_variables(model: nn.Module, key, input_shape, model_config=None) -> dict:
-    """``model.init`` (jitted, eval mode) on zeros of `input_shape` [N, H, W, C]; then, if
-    ``model_config.init_from`` is set, ``load_pretrained`` with the config's allow_* flags.
+    """The model's variables: ``model.init`` on zeros of ``input_shape``, then ``init_from`` if set.
 
-    Returns ``{"params": ..., "batch_stats": ...}`` on the default device: shard afterwards.
-    The init program is compiled without LLVM optimisation (it runs once): on XLA:CPU the
-    ~60 random-normal initialisers of GoogLeNet otherwise take ~20 s to compile, ~5 s so.
+    ``model.init`` runs jitted in eval mode; with ``model_config.init_from`` set,
+    ``load_pretrained`` then loads that weight file with the config's allow_* flags. The init
+    program is compiled without LLVM optimisation (it runs once): on XLA:CPU the ~60
+    random-normal initialisers of GoogLeNet otherwise take ~20 s to compile, ~5 s so.
+
+    Args:
+      model: the ``EmbeddingModel`` (any Linen module with ``__call__(images, train=False)``).
+      key: PRNG key of the initialisers.
+      input_shape: (N, H, W, C) of the float32 zero images used to trace the model.
+      model_config: optional ``config.model`` (default None: no weight file is loaded); only
+        init_from, allow_missing and allow_unexpected are read.
+
+    Returns:
+      dict ``{"params": ..., "batch_stats": ...}`` of float32 arrays on the default device
+      (shard them afterwards).
+
+    Raises:
+      ValueError: a bad ``config.model`` field; a weight file that is missing, unreadable, or
+        whose keys or shapes do not match the model (unless the allow_* flags allow it).
     """
     images = jax.ShapeDtypeStruct(tuple(input_shape), jnp.float32)
     lowered = jax.jit(lambda k, x: model.init(k, x, train=False)).lower(key, images)
@@ -291,9 +350,18 @@ def _compile_unoptimised(lowered):
 
 
 def param_labels(params) -> Any:
-    """A pytree like `params` with "head" on the head's leaves and "backbone" elsewhere.
+    """A pytree like ``params`` with "head" on the head's leaves and "backbone" elsewhere.
 
     For ``optax.multi_transform`` (the head trains with ×10 learning rate, method.md §5).
+
+    Args:
+      params: the ``variables["params"]`` pytree of an ``EmbeddingModel``.
+
+    Returns:
+      pytree of the same structure with str leaves "head" or "backbone".
+
+    Raises:
+      ValueError: naming ``params`` when given the whole variables dict instead.
     """
     if isinstance(params, Mapping) and set(params) & set(COLLECTIONS) and HEAD not in params:
         raise ValueError(f"params: got the variables dict (keys {sorted(params)}); pass "
