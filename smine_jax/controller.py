@@ -26,39 +26,10 @@ train state, pass through ``jax.jit`` and be saved by orbax), the settings as a 
 ``ControllerConfig``. ``update`` is pure and jit-compatible; it checks a concrete training error
 before anything reaches jax.
 
-Choices where the paper is silent (all are ``ControllerConfig`` fields):
-
-- Degenerate fit: fewer than two recorded points, fewer than two distinct κ in the window, all
-  errors equal, a non-finite fit, ``|α| < min_slope`` (1.0: the fitted line then moves κ by less
-  than one unit — the smallest κ allowed — across the whole error range [0, 1]), or, with
-  ``negative_slope_only`` (default), ``α > 0``. A positive slope claims that a larger κ makes
-  triplets harder, the opposite of the mechanism (Eq. 6); it only arises from noise or from the
-  network improving between the epochs of the window, and following it would move κ away from
-  the target. Fallback: κ_next = κ · ``degenerate_factor`` when e > e_t + ``tolerance``
-  (triplets too hard), κ / ``degenerate_factor`` when e < e_t − ``tolerance``, else unchanged;
-  then clipped. The dead band (0.05: errors within ±0.05 of e_t count as on target; the paper
-  finds targets from 0.5 to 0.75 all work, so finer control buys nothing) matters once the
-  controller has converged: fits on points that differ by noise only come out degenerate, κ is
-  kept, the window fills with one repeated κ, and from then on every epoch is degenerate. With a
-  narrower band an ordinary noise spike would jump κ by the full factor (measured on the
-  simulated plant with noise σ = 0.01: band 0.025 leaves the ±0.05 band in up to 30 % of runs,
-  band 0.05 in none). A real drift of the error out of the band still moves κ, and the next fit
-  (now on two distinct κ) takes over.
-- Trust region (``max_step_factor``, default None = off, the paper's Eq. 8 as written; 2 is
-  the recommended setting): a fitted κ_next stays within [κ/f, κ·f] of the κ just used. The
-  plant is convex (e ≈ 1/(1 + c·κ) in simulation), so a straight line through points far apart
-  (the κ = 64 random epochs, κ₀ = 16) extrapolates past the target — down to κ_min — and the
-  next fits oscillate. With f = 2, simulated plants with κ* between 5 and 50 reach
-  |e − e_t| < 0.05 by the 4th mining epoch (tests/test_controller.py); without it only those
-  with κ* near κ₀ or above do (κ* >= ~16).
-- Manual schedule: κ₀ for the first ``manual_halve_every`` mining epochs, then halved every
-  ``manual_halve_every`` mining epochs, floor κ_min — counted from the first mining epoch (with
-  the defaults: epochs 3–5 use 16, 6–8 use 8, 9–11 use 4, 12–14 use 2, from 15 on 1).
-- Random-only epochs set ``state.kappa = kappa_random`` (unused by the trainer, since those
-  epochs do not mine, but recorded in the history; ``kappa_max`` for display when
-  ``kappa_random`` is None); it is not clipped.
-- Under ``jax.jit`` a non-finite training error cannot raise: it is left out of the history and
-  κ is kept (the epoch schedule still advances).
+Every choice where the paper is silent (degenerate fits and their fallback, the dead band, the
+trust region, the manual schedule, the random-only epochs, non-finite errors under jit) is a
+``ControllerConfig`` field; what each does and why is in docs/method.md §3 ("The controller's
+choices in detail").
 """
 
 from __future__ import annotations
@@ -98,7 +69,7 @@ class ControllerConfig:
       random_epochs: epochs of random triplets before mining starts (default 2).
       degenerate_factor: > 1, multiplicative step of κ when the fit is degenerate.
       min_slope: |α| below this counts as a degenerate fit (κ units per unit of error).
-      negative_slope_only: also treat α > 0 as degenerate (see the module docstring).
+      negative_slope_only: also treat α > 0 as degenerate (docs/method.md §3).
       tolerance: a degenerate fit keeps κ while |e − e_t| <= tolerance (dead band).
       max_step_factor: trust region of the fit: κ_next within [κ / f, κ · f] of the κ just
         used; None: no limit.
