@@ -11,12 +11,15 @@ the .ipynb files by hand (tests/test_notebooks.py regenerates them and compares)
 jupytext's conversion this script sets what the scripts leave out: the Colab metadata (TPU
 runtime), fixed cell ids (the same script always gives the same bytes), the default of the
 install cell's PACKAGE_SOURCE form field (`--repo-url`; empty without it, so that no made-up
-address is shipped), and it checks that the cells the notebooks share are identical.
+address is shipped), and the cells every notebook shares: they are written once, in
+shared_cells.py (`# %% name="NAME"`), and a script holds a one-line cell `# shared cell: NAME`
+where each goes.
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import re
 import sys
@@ -31,8 +34,8 @@ FORMAT = "py:percent"
 PARAMETERS_TAG = "parameters"  # papermill's convention: the cell a runner may override
 # The install cell's form field; its default is the only text the generator changes.
 SOURCE_FIELD = re.compile(r'^(PACKAGE_SOURCE = )(".*")(  # @param \{type:"string"\})$', re.M)
-# Cells every notebook repeats (recognised by their first line) must be identical.
-SHARED_CELLS = ("# @title Install smine_jax", "# Backend:", "# Figure helpers:")
+SHARED_SCRIPT = NOTEBOOKS_DIR / "shared_cells.py"
+SHARED_PLACEHOLDER = re.compile(r"^# shared cell: (\S+)$")
 CELL_METADATA = ("tags", "cellView")  # kept; jupytext's layout hints are dropped
 
 _METADATA = {
@@ -75,6 +78,7 @@ def build(script: Path, source: str = "") -> nbformat.NotebookNode:
     """The notebook (nbformat 4, no outputs) of a percent script, PACKAGE_SOURCE set to
     `source`. The script's own default must be empty: the address comes from --repo-url."""
     notebook = jupytext.read(script, fmt=FORMAT)
+    notebook.cells = [_shared_or_own(cell, script) for cell in notebook.cells]
     try:
         default = field_default(notebook)
     except ValueError as error:
@@ -96,32 +100,40 @@ def build(script: Path, source: str = "") -> nbformat.NotebookNode:
     return notebook
 
 
+def shared_cells() -> dict[str, nbformat.NotebookNode]:
+    """NAME -> code cell of SHARED_SCRIPT (each named by `# %% name="NAME"`; its markdown
+    cells are notes for the reader)."""
+    cells = [cell for cell in jupytext.read(SHARED_SCRIPT, fmt=FORMAT).cells
+             if cell.cell_type == "code"]
+    named = {cell.metadata.get("name"): cell for cell in cells}
+    if None in named or len(named) != len(cells):
+        raise ValueError(f"{SHARED_SCRIPT.name}: expected every cell named once "
+                         '(# %% name="NAME")')
+    return named
+
+
+def _shared_or_own(cell: nbformat.NotebookNode, script: Path) -> nbformat.NotebookNode:
+    """The shared cell a placeholder cell `# shared cell: NAME` names, else `cell` itself."""
+    match = SHARED_PLACEHOLDER.match(cell.source.strip()) if cell.cell_type == "code" else None
+    if not match:
+        return cell
+    shared = shared_cells()
+    if match.group(1) not in shared:
+        raise ValueError(f"{script.name}: shared cell {match.group(1)!r}: expected one of "
+                         f"{sorted(shared)} (the cells of {SHARED_SCRIPT.name})")
+    return copy.deepcopy(shared[match.group(1)])
+
+
 def scripts() -> list[Path]:
     """The percent scripts of this folder, one per notebook."""
     return sorted(NOTEBOOKS_DIR.glob(SCRIPT_GLOB))
 
 
-def shared_cell_differences(notebooks: dict[str, nbformat.NotebookNode]) -> list[str]:
-    """Names of the shared cells (SHARED_CELLS) whose source differs between notebooks."""
-    differing = []
-    for header in SHARED_CELLS:
-        sources = {cell.source for notebook in notebooks.values() for cell in notebook.cells
-                   if cell.cell_type == "code" and cell.source.startswith(header)}
-        if len(sources) > 1:
-            differing.append(header)
-    return differing
-
-
 def notebooks(repo_url: str | None = None) -> dict[str, nbformat.NotebookNode]:
     """File name -> generated notebook, for every script of this folder."""
     source = package_source(repo_url)
-    generated = {script.with_suffix(".ipynb").name: build(script, source)
-                 for script in scripts()}
-    differing = shared_cell_differences(generated)
-    if differing:
-        raise ValueError(f"shared cells {differing}: expected the same source in every "
-                         "notebook's script; copy the edited cell to the others")
-    return generated
+    return {script.with_suffix(".ipynb").name: build(script, source)
+            for script in scripts()}
 
 
 def render(notebook: nbformat.NotebookNode) -> str:

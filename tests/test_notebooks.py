@@ -119,14 +119,21 @@ def test_an_edited_script_makes_the_committed_notebook_stale(generator, tmp_path
     assert "out of date: 02_sample_triplets.ipynb" in capsys.readouterr().err
 
 
-def test_generator_refuses_a_shared_cell_that_differs(generator, tmp_path, monkeypatch):
+def test_shared_cells_are_written_once_and_placed_by_name(generator, tmp_path, monkeypatch):
+    built = generator.notebooks()
+    for header in ("# @title Install smine_jax", "# Backend:", "# Figure helpers:"):
+        sources = [cell.source for notebook in built.values() for cell in notebook.cells
+                   if cell.source.startswith(header)]
+        assert len(sources) == len(built), header  # once in every notebook
+    for name in generator.scripts():  # the scripts hold placeholders, not copies
+        assert "# @title Install smine_jax" not in name.read_text(encoding="utf-8")
     for script in generator.scripts():
         shutil.copy(script, tmp_path / script.name)
     monkeypatch.setattr(generator, "NOTEBOOKS_DIR", tmp_path)
     script = tmp_path / "01_quickstart.py"
     script.write_text(script.read_text(encoding="utf-8").replace(
-        'EXTRA = "tpu"', 'EXTRA = "gpu"'), encoding="utf-8")
-    with pytest.raises(ValueError, match="shared cells.*Install smine_jax"):
+        "# shared cell: backend", "# shared cell: bakend"), encoding="utf-8")
+    with pytest.raises(ValueError, match="01_quickstart.py: shared cell 'bakend'"):
         generator.notebooks()
 
 
@@ -261,12 +268,10 @@ def test_generator_fills_the_field_from_repo_url(generator, tmp_path, capsys):
 
 
 def test_script_with_a_filled_in_field_is_refused(generator, tmp_path, monkeypatch):
-    for script in generator.scripts():
-        shutil.copy(script, tmp_path / script.name)
-    monkeypatch.setattr(generator, "NOTEBOOKS_DIR", tmp_path)
-    script = tmp_path / "01_quickstart.py"
-    script.write_text(script.read_text(encoding="utf-8").replace(
+    shared = tmp_path / generator.SHARED_SCRIPT.name
+    shared.write_text(generator.SHARED_SCRIPT.read_text(encoding="utf-8").replace(
         'PACKAGE_SOURCE = ""', 'PACKAGE_SOURCE = "git+https://example.org/x"'), encoding="utf-8")
+    monkeypatch.setattr(generator, "SHARED_SCRIPT", shared)
     with pytest.raises(ValueError, match="01_quickstart.py: PACKAGE_SOURCE.*--repo-url"):
         generator.notebooks()
 
