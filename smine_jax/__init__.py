@@ -10,7 +10,11 @@ Modules (pure functions first, I/O at the edges):
   controller    the adaptive κ controller (Eqs. 7-8) and the manual schedule
   models        Flax backbones (GoogLeNet, ResNet-50, small conv net) + embedding head
   data          dataset sources, image cache, on-device augmentation, batch samplers
-  train         train state, jitted steps, the epoch loop, checkpoints
+  train         train state, jitted steps, config check, the epoch loop and resume
+  epoch_plan    an epoch's plan: embed -> neighbours -> mine or draw -> global batches
+  embedding     a split embedded into shards and read back; evaluation
+  checkpoints   orbax checkpoints (with a mid-epoch plan), the best epoch by validation
+  runtime       the mesh and placements, each process's part, barriers, preemption
   logs          what a run records in its workdir (config.json, metrics.jsonl, TensorBoard)
   validation    argument checks with errors that name the argument
   fileio        atomic file writes (temporary name, fsync, rename)

@@ -1,5 +1,6 @@
-"""Tests of smine_jax.train: optimiser, end-to-end runs (class folders, tfds mock data), every
-variant, config checks, resume refusal, and data parallelism (1 vs 4 CPU devices)."""
+"""Tests of smine_jax.train and its stages (epoch_plan, checkpoints): optimiser, end-to-end runs
+(class folders, tfds mock data), every variant, config checks, resume refusal, and data
+parallelism (1 vs 4 CPU devices)."""
 
 from __future__ import annotations
 
@@ -19,7 +20,7 @@ import pytest
 from flax import struct
 from PIL import Image
 
-from smine_jax import controller, logs, models, train
+from smine_jax import checkpoints, controller, epoch_plan, logs, models, train
 from smine_jax.configs import common, omniglot
 
 REPO = Path(__file__).resolve().parents[1]
@@ -379,7 +380,7 @@ def test_best_checkpoint_survives_interruptions(tmp_path):
     def state(step):
         return _TinyState(jnp.int32(step), jnp.float32(step))
 
-    best = train._BestByValidation(tmp_path / "best")
+    best = checkpoints.BestByValidation(tmp_path / "best")
     best.resume(state(0), {})
     assert not (tmp_path / "best").exists()  # nothing made before a first save
     for epoch, r1 in ((1, 0.5), (2, 0.7), (3, 0.6)):
@@ -396,13 +397,13 @@ def test_best_checkpoint_survives_interruptions(tmp_path):
     # Killed after the best of epoch 4 landed, before its regular checkpoint: the run resumes
     # from epoch 3 (best: epoch 2, still on disk); the later best is dropped (epoch 4 is
     # trained again).
-    resumed = train._BestByValidation(tmp_path / "best")
+    resumed = checkpoints.BestByValidation(tmp_path / "best")
     resumed.resume(state(30), meta_at_epoch_2)
     assert resumed.checkpoints.manager.all_steps() == [20] and resumed.epoch == 2
     resumed.close()
     shutil.rmtree(tmp_path / "best" / "20")
     # The best of the restored epoch whose own save did not land is written from it.
-    again = train._BestByValidation(tmp_path / "best")
+    again = checkpoints.BestByValidation(tmp_path / "best")
     again.resume(state(20), meta_at_epoch_2)
     assert again.checkpoints.manager.all_steps() == [20]
     again.close()
@@ -496,15 +497,16 @@ def test_index_built_batches_are_a_function_of_seed_and_epoch(folder, tmp_path):
     for kappa_init in (1.0, "auto"):
         config = tiny_config(data_dir, cache_dir, "smoke,smart_batches",
                              controller={"random_epochs": 0, "kappa_init": kappa_init})
-        trainer = train._Trainer(config, tmp_path / str(kappa_init))
-        state = trainer.initial_state
-        first, again, other = (trainer.plan_epoch(state, epoch) for epoch in (1, 1, 2))
+        run = train._Run(config, tmp_path / str(kappa_init))
+        state = run.initial_state
+        first, again, other = (epoch_plan.plan_epoch(run.plan_inputs, state, epoch)
+                               for epoch in (1, 1, 2))
         m = int(config.train.samples_per_class)
-        assert first.ids.shape == (trainer.steps_per_epoch, 24) == first.mask.shape
+        assert first.ids.shape == (run.steps_per_epoch, 24) == first.mask.shape
         np.testing.assert_array_equal(first.ids, again.ids)
         np.testing.assert_array_equal(first.mask, again.mask)
         assert not np.array_equal(first.ids, other.ids)
-        blocks = trainer.labels[first.ids].reshape(trainer.steps_per_epoch, -1, m)
+        blocks = run.labels[first.ids].reshape(run.steps_per_epoch, -1, m)
         assert (blocks == blocks[..., :1]).all()  # each block of m holds one class
         assert first.record["mining"] and first.record["seconds"]["index"] > 0
         assert set(first.record["index_batches"]) == {
@@ -602,26 +604,26 @@ def test_train_state_round_trips_through_orbax(folder, tmp_path):
     config = tiny_config(data_dir, cache_dir)
     model = models.build_model(config.model)
     state = train.create_train_state(config, model, (16, 16, 1), 5)
-    checkpoints = train._Checkpoints(tmp_path / "checkpoints", 3)
+    store = checkpoints.Checkpoints(tmp_path / "checkpoints", 3)
     state = state.replace(step=jnp.int32(7), epoch=jnp.int32(2))
-    checkpoints.save(state, {"epoch": 2, "position": None})
+    store.save(state, {"epoch": 2, "position": None})
     # A mid-epoch checkpoint carries the epoch's plan: batches, record, controller, κ.
     ctrl = jax.device_get(controller.set_initial_kappa(state.controller, 3.5))
     rng = np.random.default_rng(0)
-    plan = train._EpochPlan(rng.integers(0, 50, (4, 6, 3)).astype(np.int32),
-                            rng.random((4, 6)) < 0.9, rng.random((4, 6)) < 0.5,
-                            {"kappa": 3.5, "fallbacks": {"pair": 2}, "seconds": {"mine": 0.25}},
-                            ctrl, kappa=1.5)
-    checkpoints.save(state.replace(step=jnp.int32(9)), {"epoch": 3, "position": 2}, plan)
-    checkpoints.manager.wait_until_finished()
-    restored, meta, no_plan = checkpoints.restore(7, state)
+    plan = epoch_plan.EpochPlan(rng.integers(0, 50, (4, 6, 3)).astype(np.int32),
+                                 rng.random((4, 6)) < 0.9, rng.random((4, 6)) < 0.5,
+                                 {"kappa": 3.5, "fallbacks": {"pair": 2},
+                                  "seconds": {"mine": 0.25}}, ctrl, kappa=1.5)
+    store.save(state.replace(step=jnp.int32(9)), {"epoch": 3, "position": 2}, plan)
+    store.manager.wait_until_finished()
+    restored, meta, no_plan = store.restore(7, state)
     assert meta == {"epoch": 2, "position": None} and no_plan is None
     assert isinstance(restored, train.TrainState) and restored.tx is state.tx
     for a, b in zip(jax.tree.leaves(state), jax.tree.leaves(restored), strict=True):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
     assert restored.controller.config == state.controller.config
-    _, meta, restored_plan = checkpoints.restore(9, state)
-    checkpoints.close()
+    _, meta, restored_plan = store.restore(9, state)
+    store.close()
     assert meta["position"] == 2
     for name in ("ids", "mask", "mined"):
         got, expected = getattr(restored_plan, name), getattr(plan, name)
@@ -636,21 +638,21 @@ def test_train_state_round_trips_through_orbax(folder, tmp_path):
 
 
 def test_epoch_train_time_adds_earlier_processes_and_stores_only_whole_epoch_times():
-    fresh = train._EpochTrainTime.resumed_from(None, 0).plus(10, 4.0)
+    fresh = checkpoints.EpochTrainTime.resumed_from(None, 0).plus(10, 4.0)
     assert fresh == (4.0, 10, 10)
     assert fresh.checkpoint_meta() == {"train_seconds": 4.0}
     assert fresh.images_per_second(images_per_step=6) == pytest.approx(15.0)
 
     # Resumed from a checkpoint that carries its time: the two processes add up.
-    resumed = train._EpochTrainTime.resumed_from({"train_seconds": 4.0}, 10).plus(5, 2.0)
+    resumed = checkpoints.EpochTrainTime.resumed_from({"train_seconds": 4.0}, 10).plus(5, 2.0)
     assert resumed == (6.0, 15, 15)
     assert resumed.checkpoint_meta() == {"train_seconds": 6.0}
 
     # Resumed from an older checkpoint without it: only this process's 5 steps are timed, and
     # a second SIGTERM must not store those 2 s as the time of all 15 steps.
-    older = train._EpochTrainTime.resumed_from({"position": 10}, 10).plus(5, 2.0)
+    older = checkpoints.EpochTrainTime.resumed_from({"position": 10}, 10).plus(5, 2.0)
     assert older == (2.0, 5, 15)
     assert older.checkpoint_meta() == {}
     assert older.images_per_second(images_per_step=6) == pytest.approx(15.0)
-    third = train._EpochTrainTime.resumed_from(older.checkpoint_meta(), 15).plus(5, 1.0)
+    third = checkpoints.EpochTrainTime.resumed_from(older.checkpoint_meta(), 15).plus(5, 1.0)
     assert third == (1.0, 5, 20)
