@@ -83,8 +83,7 @@ class Checkpoints:
     mid-epoch checkpoint, "plan" (the epoch's global batches and controller, `EpochPlan`).
 
     meta: {"epoch": epoch of the checkpoint, "position": steps done in that epoch (None at an
-    epoch boundary), "epoch_start_step": checkpoint step of the epoch's start (None: the
-    initial state), "batch_losses", "batch_errors", "batch_mined", "batch_mined_violations":
+    epoch boundary), "batch_losses", "batch_errors", "batch_mined", "batch_mined_violations":
     per-step values so far (mid-epoch only, `STEP_METRICS`), "train_seconds": seconds spent
     training those steps (so a resumed epoch reports its whole train time; absent when this
     process did not time them all, see EpochTrainTime), "plan": the plan's record and
@@ -155,12 +154,13 @@ class Checkpoints:
         ocp = self.ocp
         meta = dict(self.manager.restore(step, args=ocp.args.Composite(
             meta=ocp.args.JsonRestore())).meta)
+        mid_epoch = meta.get("position") is not None
         items = {"state": ocp.args.StandardRestore(abstract_state(like))}
-        if meta.get("position") is not None:
+        if mid_epoch:
             items["plan"] = ocp.args.StandardRestore()
         restored = self.manager.restore(step, args=ocp.args.Composite(**items))
         plan = None
-        if meta.get("position") is not None:
+        if mid_epoch:
             saved = restored.plan
             template = jax.device_get(like.controller)
             ctrl = serialization.from_state_dict(template, jax.tree.map(

@@ -98,8 +98,6 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-# The in-batch miners and the pair losses are the tables of `objectives` (an entry there is
-# accepted here too: `check_config` reads them when it runs).
 # How the image batches of the in-batch kinds are built: m-per-class at random, or from the
 # epoch's neighbour index (`mining.index_batches`: seeds and their smart negatives' classes).
 BATCH_SOURCES = ("random", "index")
@@ -707,9 +705,10 @@ def _training_errors(per_step: dict) -> tuple[float, float | None]:
 
 
 def _epoch_record(run: _Run, state: TrainState, plan: EpochPlan, epoch: int, per_step: dict,
-                  train_time: EpochTrainTime) -> dict:
-    """The epoch's metrics.jsonl record from its steps and plan (`state`: after the epoch)."""
-    training_error, mined_error = _training_errors(per_step)
+                  errors: tuple[float, float | None], train_time: EpochTrainTime) -> dict:
+    """The epoch's metrics.jsonl record from its steps, their `_training_errors` and its plan
+    (`state`: after the epoch)."""
+    training_error, mined_error = errors
     kappa_next = float(state.controller.kappa)
     return {
         "epoch": epoch, "step": int(state.step),
@@ -749,7 +748,6 @@ def _train(run: _Run, checkpoints: Checkpoints, best: BestByValidation, writer,
     state = resumed.state
     # A mid-epoch checkpoint: its epoch goes on from its position with its saved plan.
     mid_epoch_step = resumed.step if resumed.plan is not None else None
-    epoch_start_step = resumed.meta.get("epoch_start_step") if resumed.plan is not None else None
 
     final: dict[str, float] | None = None
     epochs = int(config.train.epochs)
@@ -767,7 +765,6 @@ def _train(run: _Run, checkpoints: Checkpoints, best: BestByValidation, writer,
             if resuming:
                 plan = resumed.plan
             else:
-                epoch_start_step = int(state.step) if int(state.epoch) > 0 else None
                 run_bar.set_postfix_str(f"epoch {epoch}: " + (
                     "embedding, neighbours, mining" if epoch_plan.mines_in_epoch(config, state)
                     else "drawing batches"))
@@ -795,8 +792,8 @@ def _train(run: _Run, checkpoints: Checkpoints, best: BestByValidation, writer,
             if stopped:  # preempted: a mid-epoch checkpoint with the plan, then stop
                 position = train_time.position
                 checkpoints.save(state, {
-                    "epoch": epoch, "position": position, "epoch_start_step": epoch_start_step,
-                    **per_step, **train_time.checkpoint_meta(), **best.meta()}, plan)
+                    "epoch": epoch, "position": position, **per_step,
+                    **train_time.checkpoint_meta(), **best.meta()}, plan)
                 if mid_epoch_step is not None:  # keep one mid-epoch checkpoint at most
                     checkpoints.delete(mid_epoch_step)
                 raise Preempted(f"{guard.name}: saved step {int(state.step)} (epoch {epoch}, "
@@ -804,10 +801,10 @@ def _train(run: _Run, checkpoints: Checkpoints, best: BestByValidation, writer,
                                 "command to resume", guard.signum)
 
             # 3. The controller's update from the epoch's training error.
+            errors = _training_errors(per_step)
             state = run.runtime.place_state(state.replace(
-                epoch=state.epoch + 1,
-                controller=controller.update(plan.controller, *_training_errors(per_step))))
-            record = _epoch_record(run, state, plan, epoch, per_step, train_time)
+                epoch=state.epoch + 1, controller=controller.update(plan.controller, *errors)))
+            record = _epoch_record(run, state, plan, epoch, per_step, errors, train_time)
             if resuming:  # the epoch ran in two processes; its times add both parts
                 record["resumed_at_position"] = start
 
@@ -825,8 +822,7 @@ def _train(run: _Run, checkpoints: Checkpoints, best: BestByValidation, writer,
             writer.flush()
 
             # 5. The epoch's checkpoint (and the best state, once the meta naming it is saved).
-            checkpoints.save(state, {"epoch": epoch, "position": None,
-                                     "epoch_start_step": epoch_start_step, **best.meta()})
+            checkpoints.save(state, {"epoch": epoch, "position": None, **best.meta()})
             if evaluated and best.epoch == epoch:
                 best.save(state, record)
                 checkpoints.manager.wait_until_finished()  # the meta naming it is on disk
