@@ -74,11 +74,14 @@ def field_default(notebook: nbformat.NotebookNode) -> str:
     return json.loads(found[0].group(2))
 
 
-def build(script: Path, source: str = "") -> nbformat.NotebookNode:
+def build(script: Path, source: str = "",
+          shared: dict[str, nbformat.NotebookNode] | None = None) -> nbformat.NotebookNode:
     """The notebook (nbformat 4, no outputs) of a percent script, PACKAGE_SOURCE set to
-    `source`. The script's own default must be empty: the address comes from --repo-url."""
+    `source`, its placeholders replaced by the `shared` cells (default: read SHARED_SCRIPT).
+    The script's own default must be empty: the address comes from --repo-url."""
+    shared = shared_cells() if shared is None else shared
     notebook = jupytext.read(script, fmt=FORMAT)
-    notebook.cells = [_shared_or_own(cell, script) for cell in notebook.cells]
+    notebook.cells = [_shared_or_own(cell, script, shared) for cell in notebook.cells]
     try:
         default = field_default(notebook)
     except ValueError as error:
@@ -112,12 +115,12 @@ def shared_cells() -> dict[str, nbformat.NotebookNode]:
     return named
 
 
-def _shared_or_own(cell: nbformat.NotebookNode, script: Path) -> nbformat.NotebookNode:
-    """The shared cell a placeholder cell `# shared cell: NAME` names, else `cell` itself."""
+def _shared_or_own(cell: nbformat.NotebookNode, script: Path,
+                   shared: dict[str, nbformat.NotebookNode]) -> nbformat.NotebookNode:
+    """The cell of `shared` a placeholder cell `# shared cell: NAME` names, else `cell`."""
     match = SHARED_PLACEHOLDER.match(cell.source.strip()) if cell.cell_type == "code" else None
     if not match:
         return cell
-    shared = shared_cells()
     if match.group(1) not in shared:
         raise ValueError(f"{script.name}: shared cell {match.group(1)!r}: expected one of "
                          f"{sorted(shared)} (the cells of {SHARED_SCRIPT.name})")
@@ -131,8 +134,8 @@ def scripts() -> list[Path]:
 
 def notebooks(repo_url: str | None = None) -> dict[str, nbformat.NotebookNode]:
     """File name -> generated notebook, for every script of this folder."""
-    source = package_source(repo_url)
-    return {script.with_suffix(".ipynb").name: build(script, source)
+    source, shared = package_source(repo_url), shared_cells()
+    return {script.with_suffix(".ipynb").name: build(script, source, shared)
             for script in scripts()}
 
 
