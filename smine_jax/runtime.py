@@ -95,9 +95,9 @@ def local_part(batches: np.ndarray) -> np.ndarray:
 
 
 def local_block(num_samples: int) -> np.ndarray:
-    """This process's contiguous block of sample ids (as `data.inference_batches` shards)."""
-    return np.array_split(np.arange(num_samples, dtype=np.int32),
-                          jax.process_count())[jax.process_index()]
+    """This process's contiguous block of sample ids: the block it embeds
+    (`data.inference_batches` shards by the same `data.shard_ids`)."""
+    return data.shard_ids(num_samples, jax.process_index(), jax.process_count())
 
 
 def gather_rows(rows):

@@ -71,6 +71,7 @@ from smine_jax.data.pipeline import (
     normalise,
     prefetch_batches,
     random_crop_flip,
+    shard_ids,
 )
 from smine_jax.data.sources import (
     Dataset,
@@ -90,7 +91,7 @@ __all__ = [
     "build_cache", "build_dataset",
     "cache_key", "cache_path", "cached_images", "cars_folder", "center_crop",
     "check_official_counts", "class_folders", "cub_folder", "default_config", "device_batch",
-    "download_omniglot", "gather", "inference_batches", "load", "m_per_class_batches",
+    "download_omniglot", "gather", "inference_batches", "load", "m_per_class_batches", "shard_ids",
     "normalise", "omniglot_folder", "prefetch_batches", "preprocessors", "random_crop_flip",
     "resolve_config", "split_validation", "tfds_dataset", "validation_classes",
 ]

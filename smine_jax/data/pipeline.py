@@ -288,6 +288,13 @@ class InferenceBatch(NamedTuple):
     mask: np.ndarray  # bool [B], True for real samples
 
 
+def shard_ids(num_samples: int, shard_index: int, num_shards: int) -> np.ndarray:
+    """i32 ids of shard `shard_index` of `num_samples` samples split into `num_shards`
+    contiguous blocks (``np.array_split``): what one process of a multi-host run embeds, and
+    whose neighbours it searches (the two must agree)."""
+    return np.array_split(np.arange(num_samples, dtype=np.int32), num_shards)[int(shard_index)]
+
+
 def inference_batches(images, batch_size: int, *, shard_index: int = 0,
                       num_shards: int = 1) -> Iterator[InferenceBatch]:
     """Every sample of ``images`` exactly once, in id order, in batches of a fixed size.
@@ -295,7 +302,7 @@ def inference_batches(images, batch_size: int, *, shard_index: int = 0,
     The per-epoch embedding pass (method.md §2 step 1): the last batch is padded (ids -1, zero
     images, mask False) so every batch has the same shape (one compilation) and nothing is
     dropped. With num_shards > 1, shard ``shard_index`` gets its contiguous block of ids
-    (``np.array_split``), for one process of a multi-host run. Host-side.
+    (``shard_ids``), for one process of a multi-host run. Host-side.
 
     Args:
       images: uint8[N, S, S, C] cache (memory-mapped numpy array).
@@ -317,7 +324,7 @@ def inference_batches(images, batch_size: int, *, shard_index: int = 0,
     if isinstance(shard_index, bool) or not 0 <= int(shard_index) < num_shards:
         raise ValueError(f"shard_index: expected 0 <= shard_index < {num_shards}, "
                          f"got {shard_index!r}")
-    ids = np.array_split(np.arange(num_samples, dtype=np.int32), num_shards)[int(shard_index)]
+    ids = shard_ids(num_samples, shard_index, num_shards)
     for start in range(0, len(ids), batch_size):
         real = ids[start:start + batch_size]
         padded = np.full(batch_size, -1, np.int32)
