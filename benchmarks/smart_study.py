@@ -129,14 +129,18 @@ def val_score(records: Sequence[Mapping], epochs: int) -> float:
                  if r.get("epoch") == epochs and "val" in r), math.nan)
 
 
+def best_scored(settings: Sequence[Setting], scores: Mapping[str, float]) -> Setting | None:
+    """The setting with the highest score (the first in `settings` on a tie); None while any
+    of them has no score."""
+    if not settings or any(not math.isfinite(scores.get(s.name, math.nan)) for s in settings):
+        return None
+    return max(settings, key=lambda s: scores[s.name])
+
+
 def best_candidate(settings: Sequence[Setting], scores: Mapping[str, float]) -> Setting | None:
     """The candidate (not a reference) with the highest validation score; None while any
     candidate has no score."""
-    candidates = [s for s in settings if s.name not in REFERENCES]
-    if not candidates or any(not math.isfinite(scores.get(s.name, math.nan))
-                             for s in candidates):
-        return None
-    return max(candidates, key=lambda s: scores[s.name])
+    return best_scored([s for s in settings if s.name not in REFERENCES], scores)
 
 
 def plan(scores: Mapping[str, float], stages: int = 2

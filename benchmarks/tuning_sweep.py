@@ -81,12 +81,9 @@ def grid(variant: str, learning_rates: Sequence[float] = LEARNING_RATES,
 
 def choose(cells: Sequence[study.Setting], scores: Mapping[str, float]
            ) -> study.Setting | None:
-    """The cell with the best score (the first of the grid's order on a tie); None while any
-    cell has none."""
-    if not cells or any(not math.isfinite(scores.get(c.name, math.nan)) for c in cells):
-        return None
-    best = max(scores[c.name] for c in cells)
-    return next(c for c in cells if scores[c.name] == best)
+    """The cell with the best score (the first of the grid's order, the defaults' cell first,
+    on a tie); None while any cell has none."""
+    return study.best_scored(cells, scores)
 
 
 def _overrides_text(cell: study.Setting) -> str:
