@@ -66,7 +66,7 @@ def test_rows_show_what_the_index_did_and_what_it_cost():
     assert all(math.isnan(v) for v in bs.cost_split(_records(0.9, index=False)))
 
 
-def test_the_target_reads_validation_only_and_needs_both_metrics():
+def test_the_gate_reads_validation_only_and_needs_both_metrics():
     settings = bs.settings()
     by_setting = {bs.BASELINE: _records(0.95, 0.80, index=False),
                   "smart_batches_dw": _records(0.97, 0.79)}
@@ -74,11 +74,11 @@ def test_the_target_reads_validation_only_and_needs_both_metrics():
     by_setting.update({s.name: _records(0.90, 0.70) for s in settings
                        if s.name not in by_setting})
     text = " ".join(bs.verdict_lines(settings, by_setting, 8))
-    assert "`smart_batches_dw`" in text and "R@1 +2.0" in text and "**missed**" in text
-    by_setting["smart_batches_dw"] = _records(0.97, 0.85)
-    assert "**met**" in " ".join(bs.verdict_lines(settings, by_setting, 8))
+    assert "`smart_batches_dw`" in text and "R@1 +2.0" in text and "**not passed**" in text
+    by_setting["smart_batches_dw"] = _records(0.951, 0.85)
+    assert "**passed**" in " ".join(bs.verdict_lines(settings, by_setting, 8))
     lines = bs.comparison_lines(by_setting, 8)
-    assert "- `smart_batches_dw` − `distance_weighted`: R@1 +2.0, MAP@R +5.0" in lines
+    assert "- `smart_batches_dw` − `distance_weighted`: R@1 +0.1, MAP@R +5.0" in lines
 
 
 def test_report_only_writes_the_report_and_its_figure(tmp_path):
