@@ -165,9 +165,9 @@ def plot_val_r1_vs_seconds(all_settings: Sequence[study.Setting],
                            by_setting: Mapping[str, Sequence[Mapping]], path: Path) -> None:
     """Validation R@1 at each evaluation against the training seconds up to it (embedding,
     index and batch building included, evaluation excluded)."""
-    from .plots import _pyplot
+    from . import plots
 
-    plt = _pyplot()
+    plt = plots._pyplot()
     figure, axis = plt.subplots(figsize=(7, 4.5))
     for number, setting in enumerate(all_settings):
         records = sorted(by_setting.get(setting.name, []), key=lambda r: r["epoch"])
@@ -182,14 +182,7 @@ def plot_val_r1_vs_seconds(all_settings: Sequence[study.Setting],
     axis.set_xlabel("training minutes (embedding, index and batch building included; "
                     "evaluation excluded)")
     axis.set_ylabel("R@1 on the validation classes (%)")
-    if axis.lines:
-        axis.legend(fontsize=7)
-    else:
-        axis.text(0.5, 0.5, "no run yet", ha="center", transform=axis.transAxes)
-    axis.grid(alpha=0.3)
-    figure.tight_layout()
-    figure.savefig(path, dpi=110)
-    plt.close(figure)
+    plots.save_curves(plt, figure, axis, path, "no run yet")
 
 
 def study_markdown(all_settings: Sequence[study.Setting],
@@ -267,24 +260,12 @@ def main(argv=None) -> None:
     args = parser.parse_args(argv)
     if args.epochs < 1:
         parser.error(f"--epochs: expected a positive number of epochs, got {args.epochs}")
-    try:
-        shard, shards = runs.parse_shard(args.shard)
-    except ValueError as error:
-        parser.error(str(error))
-    for name in ("runs_dir", "report", "data_dir"):
-        setattr(args, name, Path(getattr(args, name)).absolute())
-    if not args.report_only and not args.data_dir.is_dir():
-        parser.error(f"--data-dir: {args.data_dir} is not a folder (Omniglot)")
+    shard, shards = study.checked_paths_and_shard(parser, args, ("runs_dir", "report", "data_dir"))
     invocation, history = runs.record_invocation("benchmarks.batches_study", argv,
                                                  args.runs_dir, report_only=args.report_only)
     failures, stopped = [], False
     if not args.report_only:
-        by_name = {s.name: s for s in settings()}
-        failures, stopped = runs.run_all(
-            [(name, study.SEED) for name in by_name][shard::shards], runs_dir=args.runs_dir,
-            epochs=args.epochs,
-            command_for=lambda name, seed, workdir: study.command(
-                by_name[name], workdir, epochs=args.epochs, data_dir=args.data_dir))
+        failures, stopped = study.run_settings(settings()[shard::shards], args)
     print(f"report: {write_report(args, runs.distinct_commands(history, invocation))}")
     runs.exit_for(failures, stopped)
 

@@ -88,14 +88,20 @@ def plot_recall_curves(finished: Mapping[str, Mapping[int, list]], names: Sequen
                         else "epoch")
         axis.set_ylabel("R@1 on the test classes (%)")
         axis.xaxis.set_major_locator(ticker.MaxNLocator(integer=not by_seconds))
-        if axis.lines:
-            axis.legend(fontsize=7)
-        else:
-            axis.text(0.5, 0.5, "no finished run", ha="center", transform=axis.transAxes)
-        axis.grid(alpha=0.3)
-        figure.tight_layout()
-        figure.savefig(path, dpi=110)
-        plt.close(figure)
+        save_curves(plt, figure, axis, path, "no finished run")
+
+
+def save_curves(plt, figure, axis, path: Path, empty_text: str) -> None:
+    """Finishes a one-axis figure of curves (legend, or `empty_text` without any; grid) and
+    writes it to `path`."""
+    if axis.lines:
+        axis.legend(fontsize=7)
+    else:
+        axis.text(0.5, 0.5, empty_text, ha="center", transform=axis.transAxes)
+    axis.grid(alpha=0.3)
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
 
 
 def plot_controller(finished: Mapping[str, Mapping[int, list]], path: Path,

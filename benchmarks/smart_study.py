@@ -119,6 +119,32 @@ def command(setting: Setting, workdir: Path, *, epochs: int, data_dir: Path) -> 
                               overrides=setting.assignments())
 
 
+def checked_paths_and_shard(parser: argparse.ArgumentParser, args,
+                            path_fields: Sequence[str]) -> tuple[int, int]:
+    """The screens' shared flag checks: `path_fields` of args made absolute Paths, --data-dir
+    an existing folder unless --report-only, --shard parsed; (shard, shards). A bad flag
+    exits through `parser.error` naming it."""
+    try:
+        shard, shards = runs.parse_shard(args.shard)
+    except ValueError as error:
+        parser.error(str(error))
+    for name in path_fields:
+        setattr(args, name, Path(getattr(args, name)).absolute())
+    if not args.report_only and not args.data_dir.is_dir():
+        parser.error(f"--data-dir: {args.data_dir} is not a folder (Omniglot)")
+    return shard, shards
+
+
+def run_settings(settings: Sequence[Setting], args) -> tuple[list[str], bool]:
+    """Trains the unfinished `settings` in order (`runs.run_all`: seed SEED, args.epochs
+    epochs, workdirs in args.runs_dir, data from args.data_dir); (failures, stopped)."""
+    by_name = {s.name: s for s in settings}
+    return runs.run_all([(name, SEED) for name in by_name], runs_dir=args.runs_dir,
+                        epochs=args.epochs,
+                        command_for=lambda name, seed, workdir: command(
+                            by_name[name], workdir, epochs=args.epochs, data_dir=args.data_dir))
+
+
 # ----------------------------------------------------------------------------------------------
 # Scores (validation only).
 
@@ -302,26 +328,14 @@ def main(argv=None) -> None:
                         help="run only every N-th setting from the I-th (compare_methods "
                              "--shard); rerun once all shards are done for stage 2")
     args = parser.parse_args(argv)
-    try:
-        shard, shards = runs.parse_shard(args.shard)
-    except ValueError as error:
-        parser.error(str(error))
-    args.runs_dir, args.report = Path(args.runs_dir).absolute(), Path(args.report).absolute()
-    args.data_dir = Path(args.data_dir).absolute()
-    if not args.report_only and not args.data_dir.is_dir():
-        parser.error(f"--data-dir: {args.data_dir} is not a folder (Omniglot)")
+    shard, shards = checked_paths_and_shard(parser, args, ("runs_dir", "report", "data_dir"))
     invocation, history = runs.record_invocation("benchmarks.smart_study", argv, args.runs_dir,
                                                  report_only=args.report_only)
     failures, stopped = [], False
     if not args.report_only:
         for _ in range(args.stages):  # stage 1, then stage 2 (planned from stage 1's scores)
             settings, _, _ = current_plan(args.runs_dir, args.epochs, args.stages)
-            by_name = {s.name: s for s in settings}
-            failures, stopped = runs.run_all(
-                [(s.name, SEED) for s in settings][shard::shards], runs_dir=args.runs_dir,
-                epochs=args.epochs,
-                command_for=lambda name, seed, workdir, by_name=by_name: command(
-                    by_name[name], workdir, epochs=args.epochs, data_dir=args.data_dir))
+            failures, stopped = run_settings(settings[shard::shards], args)
             if failures or stopped:
                 break
     path, winner = write_report(args, runs.distinct_commands(history, invocation))

@@ -193,24 +193,14 @@ def main(argv=None) -> None:
         parser.error(f"--variants: unknown {unknown}; known: {','.join(runs.VARIANTS)}")
     args.learning_rates = _floats(args.learning_rates, "--learning-rates", parser)
     args.margin_factors = _floats(args.margin_factors, "--margin-factors", parser)
-    try:
-        shard, shards = runs.parse_shard(args.shard)
-    except ValueError as error:
-        parser.error(str(error))
-    for name in ("runs_dir", "report", "tuned", "data_dir"):
-        setattr(args, name, Path(getattr(args, name)).absolute())
-    if not args.report_only and not args.data_dir.is_dir():
-        parser.error(f"--data-dir: {args.data_dir} is not a folder (Omniglot)")
+    shard, shards = study.checked_paths_and_shard(parser, args,
+                                                  ("runs_dir", "report", "tuned", "data_dir"))
     invocation, history = runs.record_invocation("benchmarks.tuning_sweep", argv,
                                                  args.runs_dir, report_only=args.report_only)
     failures, stopped = [], False
     if not args.report_only:
-        by_name = {c.name: c for cells in _grids(args).values() for c in cells}
-        failures, stopped = runs.run_all(
-            [(name, study.SEED) for name in by_name][shard::shards], runs_dir=args.runs_dir,
-            epochs=args.epochs,
-            command_for=lambda name, seed, workdir: study.command(
-                by_name[name], workdir, epochs=args.epochs, data_dir=args.data_dir))
+        cells = [c for group in _grids(args).values() for c in group]
+        failures, stopped = study.run_settings(cells[shard::shards], args)
     tuned = write_report(args, runs.distinct_commands(history, invocation))
     print(f"report: {args.report}")
     print(f"tuned: {args.tuned} ({len(tuned)} of {len(args.variants)} variants complete)")
