@@ -21,7 +21,8 @@ One run per cell, seed 0, `--epochs` epochs (default 8), from the variant as con
 Each variant keeps the cell with the best **validation R@1 after the last epoch** (ties: the
 variant's own defaults first, then the grid's order); the test classes are evaluated by the
 trainer but never read here. The choice goes to `--tuned` (default benchmarks/tuned.json:
-{variant: {field: value}}), which `compare_methods --tuned` applies to that variant's runs.
+{variant: {field: value}}), which `compare_methods --tuned` applies to that variant's runs;
+the choices of variants not swept by this invocation stay in it.
 The workdirs (RUNS, default benchmarks/runs/tuning) are the cache: finished runs are skipped,
 unfinished ones resume. The report (default benchmarks/TUNING.md) comes from their
 metrics.jsonl only.
@@ -157,8 +158,21 @@ def write_report(args, commands: Sequence[str]) -> dict:
     text, tuned = tuning_markdown(grids, by_cell, epochs=args.epochs, commands=commands,
                                   data_dir=args.data_dir, machines=machines)
     fileio.write_text_atomically(args.report, text)
-    fileio.write_text_atomically(args.tuned, json.dumps(tuned, indent=2, sort_keys=True) + "\n")
+    merged = {**kept_choices(args.tuned, args.variants), **tuned}
+    fileio.write_text_atomically(args.tuned, json.dumps(merged, indent=2, sort_keys=True) + "\n")
     return tuned
+
+
+def kept_choices(path: Path, variants: Sequence[str]) -> dict:
+    """The choices already in the tuned file `path` for variants other than `variants`: a sweep
+    of some variants (another runs folder, another session) leaves the others' choices alone,
+    and decides its own variants' anew (an incomplete grid removes a stale choice)."""
+    if not path.is_file():
+        return {}
+    from .compare_methods import load_tuned
+
+    return {variant: overrides for variant, overrides in load_tuned(str(path)).items()
+            if variant not in variants}
 
 
 def _floats(text: str, flag: str, parser) -> tuple[float, ...]:

@@ -63,11 +63,15 @@ def test_report_only_writes_the_report_and_the_tuned_file(tmp_path):
         path.parent.mkdir(parents=True)
         path.write_text("".join(json.dumps(r) + "\n" for r in _records(value)))
     tuned_path = tmp_path / "tuned.json"
+    # Another sweep's choice stays; this sweep's stale choice of npairs is replaced.
+    tuned_path.write_text(json.dumps({"semihard": {"optimizer.learning_rate": 0.03},
+                                      "npairs": {"optimizer.learning_rate": 0.1}}))
     sweep.main(["--report-only", "--variants", "npairs", "--learning-rates", "0.01,0.03",
                 "--runs-dir", str(tmp_path / "runs"), "--report", str(tmp_path / "T.md"),
                 "--tuned", str(tuned_path)])
     tuned = json.loads(tuned_path.read_text())
-    assert tuned == {"npairs": {"optimizer.learning_rate": 0.03}}
+    assert tuned == {"npairs": {"optimizer.learning_rate": 0.03},
+                     "semihard": {"optimizer.learning_rate": 0.03}}
     assert cm.load_tuned(str(tuned_path)) == tuned
     assert (tmp_path / "T.md").read_text().startswith(sweep.GENERATED)
 
