@@ -83,12 +83,6 @@ def uses_index_batches(setting: study.Setting) -> bool:
     return setting.variant.startswith("smart_batches")
 
 
-def final_val(records: Sequence[Mapping], epochs: int, key: str) -> float:
-    """Validation `key` after epoch `epochs` (NaN: not there yet)."""
-    return next((float(r["val"][key]) for r in records
-                 if r.get("epoch") == epochs and "val" in r), math.nan)
-
-
 def cost_split(records: Sequence[Mapping]) -> tuple[float, float]:
     """(mean seconds of embedding + index + batch building, mean training seconds) over the
     mining epochs (NaN, NaN without any)."""
@@ -106,17 +100,15 @@ def setting_row(setting: study.Setting, records: Sequence[Mapping], epochs: int)
     val = [r for r in records if "val" in r]
     index = [(r["index_batches"], r) for r in mining if "index_batches" in r]
     overhead, train = cost_split(records)
-    overrides = ", ".join(f"`{k.split('.', 1)[1]}={study._flag_value(v)}`"
-                          for k, v in setting.overrides.items()) or "—"
     index_cells = ([report.numbers([r["kappa"] for r in mining], "{:.1f}"),
                     report.numbers([stats.controller_signal(r)[0] for r in mining]),
                     report.numbers([i["smart_pairs_per_batch"] for i, _ in index], "{:.1f}"),
                     report.numbers([100 * i["seeds_available"] / r["anchors"]
                                     for i, r in index if r.get("anchors")], "{:.0f}")]
                    if uses_index_batches(setting) else ["—"] * 4)
-    return [f"`{setting.name}`", f"`{setting.variant}`", overrides,
-            report.cell(100 * final_val(records, epochs, "recall@1"), "{:.1f}"),
-            report.cell(100 * final_val(records, epochs, "map@r"), "{:.1f}"),
+    return [f"`{setting.name}`", f"`{setting.variant}`", setting.overrides_cell(),
+            report.cell(100 * study.val_score(records, epochs, "recall@1"), "{:.1f}"),
+            report.cell(100 * study.val_score(records, epochs, "map@r"), "{:.1f}"),
             report.numbers([100 * r["val"]["recall@1"] for r in val], "{:.1f}"),
             *index_cells,
             (f"{overhead:.1f} / {train:.0f}" if math.isfinite(overhead) else "—")]
@@ -126,8 +118,8 @@ def comparison_lines(by_setting: Mapping[str, Sequence[Mapping]], epochs: int) -
     """One line per (setting, its control): the differences in validation R@1 and MAP@R."""
     lines = []
     for name, control in CONTROLS.items():
-        deltas = [100 * (final_val(by_setting.get(name, []), epochs, key)
-                         - final_val(by_setting.get(control, []), epochs, key))
+        deltas = [100 * (study.val_score(by_setting.get(name, []), epochs, key)
+                         - study.val_score(by_setting.get(control, []), epochs, key))
                   for key in ("recall@1", "map@r")]
         if not all(math.isfinite(d) for d in deltas):
             lines.append(f"- `{name}` − `{control}`: not both finished yet")
@@ -142,14 +134,14 @@ def verdict_lines(all_settings: Sequence[study.Setting],
     must be ahead of the baseline on validation R@1 and MAP@R. The comparison's target (+1
     R@1 on the test classes, 3 seeds, Welch p < 0.05) can only be judged on test: near the
     ceiling of the validation split, a point of R@1 there is a third of the errors."""
-    scores = {s.name: final_val(by_setting.get(s.name, []), epochs, "recall@1")
+    scores = {s.name: study.val_score(by_setting.get(s.name, []), epochs, "recall@1")
               for s in all_settings}
     best = study.best_scored([s for s in all_settings if uses_index_batches(s)], scores)
-    base = {key: final_val(by_setting.get(BASELINE, []), epochs, key)
+    base = {key: study.val_score(by_setting.get(BASELINE, []), epochs, key)
             for key in ("recall@1", "map@r")}
     if best is None or not all(math.isfinite(v) for v in base.values()):
         return ["The screen is not complete yet."]
-    mine = {key: final_val(by_setting[best.name], epochs, key) for key in base}
+    mine = {key: study.val_score(by_setting[best.name], epochs, key) for key in base}
     gain = {key: 100 * (mine[key] - base[key]) for key in base}
     passed = gain["recall@1"] > 0 and gain["map@r"] > 0
     return [f"Best index-built setting by validation R@1: **`{best.name}`** "
@@ -171,11 +163,11 @@ def plot_val_r1_vs_seconds(all_settings: Sequence[study.Setting],
     figure, axis = plt.subplots(figsize=(7, 4.5))
     for number, setting in enumerate(all_settings):
         records = sorted(by_setting.get(setting.name, []), key=lambda r: r["epoch"])
-        evaluated = [r["epoch"] for r in records if "val" in r]
+        evaluated = [r for r in records if "val" in r]
         if not evaluated:
             continue
-        seconds = stats.mean_cumulative_seconds([records], evaluated) / 60.0
-        values = [100 * r["val"]["recall@1"] for r in records if "val" in r]
+        seconds = stats.mean_cumulative_seconds([records], [r["epoch"] for r in evaluated]) / 60
+        values = [100 * r["val"]["recall@1"] for r in evaluated]
         axis.plot(seconds, values, label=setting.name, color=f"C{number % 10}",
                   marker="o" if uses_index_batches(setting) else "s", markersize=3,
                   linestyle="-" if uses_index_batches(setting) else "--")
@@ -213,15 +205,8 @@ def study_markdown(all_settings: Sequence[study.Setting],
              "- A mining epoch's seconds come from the run's own record; runs that shared the "
              "machine (one process per core) are comparable with each other, not with an idle "
              "machine.",
-             f"- Each run: `python -m experiments.omniglot --config={runs.CONFIG}:VARIANT "
-             f"--workdir=RUNS/SETTING/seed{study.SEED} --config.seed={study.SEED} "
-             f"--config.train.epochs={epochs} --config.train.eval_every=2 "
-             f"--config.train.progress=False --config.data.dir={data_dir} "
-             "--config.FIELD=VALUE ...` (the overrides column).",
-             *report.command_lines(commands),
-             *([f"- Code: commit {', '.join(f'`{r}`' for r in revisions)} "
-                "(`config.json` `git_revision` of the runs)."] if revisions else []),
-             "- Machine(s):", *["  " + line for line in report.machine_lines(machines)],
+             *study.run_lines(epochs=epochs, data_dir=data_dir, commands=commands,
+                              revisions=revisions, machines=machines),
              "", "## Every setting", "", *report.table(header, rows), "",
              "## One change at a time (validation, points)", "",
              *comparison_lines(by_setting, epochs), "", "## The gate to the test runs", "",
@@ -242,7 +227,7 @@ def write_report(args, commands: Sequence[str]) -> Path:
         args.runs_dir, s.name, study.SEED, "machine.jsonl")]
     text = study_markdown(all_settings, by_setting, epochs=args.epochs, commands=commands,
                           data_dir=args.data_dir, machines=machines,
-                          revisions=study._revisions(args.runs_dir, all_settings))
+                          revisions=study.run_revisions(args.runs_dir, all_settings))
     fileio.write_text_atomically(args.report, text)
     plot_val_r1_vs_seconds(all_settings, by_setting, args.report.parent / FIGURE)
     return args.report

@@ -71,6 +71,11 @@ class Setting:
         """The overrides as FIELD=VALUE config flags (`runs.train_command`)."""
         return [f"{field}={_flag_value(value)}" for field, value in self.overrides.items()]
 
+    def overrides_cell(self) -> str:
+        """The overrides for a report's table cell: `name=value` without the section, or —."""
+        return ", ".join(f"`{k.split('.', 1)[1]}={_flag_value(v)}`"
+                         for k, v in self.overrides.items()) or "—"
+
 
 def _flag_value(value) -> str:
     return "None" if value is None else str(value)
@@ -149,9 +154,9 @@ def run_settings(settings: Sequence[Setting], args) -> tuple[list[str], bool]:
 # Scores (validation only).
 
 
-def val_score(records: Sequence[Mapping], epochs: int) -> float:
-    """Validation R@1 after epoch `epochs` (NaN: not there yet)."""
-    return next((float(r["val"][SCORE]) for r in records
+def val_score(records: Sequence[Mapping], epochs: int, key: str = SCORE) -> float:
+    """Validation `key` (default R@1) after epoch `epochs` (NaN: not there yet)."""
+    return next((float(r["val"][key]) for r in records
                  if r.get("epoch") == epochs and "val" in r), math.nan)
 
 
@@ -190,9 +195,8 @@ def setting_row(setting: Setting, records: Sequence[Mapping], epochs: int) -> li
     mining = [r for r in records if r.get("mining")]
     signal_values = [stats.controller_signal(r)[0] for r in mining]
     val = [r for r in records if "val" in r]
-    overrides = ", ".join(f"`{k.split('.', 1)[1]}={_flag_value(v)}`"
-                          for k, v in setting.overrides.items()) or "—"
-    return [f"`{setting.name}`", str(setting.stage), f"`{setting.variant}`", overrides,
+    return [f"`{setting.name}`", str(setting.stage), f"`{setting.variant}`",
+            setting.overrides_cell(),
             report.cell(100 * val_score(records, epochs), "{:.1f}"),
             report.numbers([100 * r["val"][SCORE] for r in val], "{:.1f}"),
             report.cell(100 * val[-1]["val"]["map@r"] if val else None, "{:.1f}"),
@@ -202,6 +206,20 @@ def setting_row(setting: Setting, records: Sequence[Mapping], epochs: int) -> li
             report.numbers([100 * r["mined_fraction"] for r in mining], "{:.0f}"),
             report.numbers([100 * r["fallbacks"]["lists_inside_boundary"] / r["anchors"]
                             for r in mining if "anchors" in r], "{:.0f}")]
+
+
+def run_lines(*, epochs: int, data_dir: Path, commands: Sequence[str],
+              revisions: Sequence[str], machines: Sequence[Mapping]) -> list[str]:
+    """A screen's protocol lines on how its runs were made: each run's command (`command`,
+    overrides as FIELD=VALUE), the commands that trained them, their code and machines."""
+    return [f"- Each run: `python -m experiments.omniglot --config={runs.CONFIG}:VARIANT "
+            f"--workdir=RUNS/SETTING/seed{SEED} --config.seed={SEED} --config.train.epochs="
+            f"{epochs} --config.train.eval_every=2 --config.train.progress=False "
+            f"--config.data.dir={data_dir} --config.FIELD=VALUE ...` (the overrides column).",
+            *report.command_lines(commands),
+            *([f"- Code: commit {', '.join(f'`{r}`' for r in revisions)} "
+               "(`config.json` `git_revision` of the runs)."] if revisions else []),
+            "- Machine(s):", *["  " + line for line in report.machine_lines(machines)]]
 
 
 def study_markdown(settings: Sequence[Setting], by_setting: Mapping[str, list], *,
@@ -238,14 +256,8 @@ def study_markdown(settings: Sequence[Setting], by_setting: Mapping[str, list], 
              "- One seed per setting and short runs: differences of about a point are within "
              "seed noise (the 3-seed spread of the 20-epoch rows in RESULTS.md is 0.4–2 "
              "points); the final comparison reruns the winner for 3 seeds × 20 epochs.",
-             f"- Each run: `python -m experiments.omniglot --config={runs.CONFIG}:VARIANT "
-             f"--workdir=RUNS/SETTING/seed{SEED} --config.seed={SEED} --config.train.epochs="
-             f"{epochs} --config.train.eval_every=2 --config.train.progress=False "
-             f"--config.data.dir={data_dir} --config.FIELD=VALUE ...` (the overrides column).",
-             *report.command_lines(commands),
-             *([f"- Code: commit {', '.join(f'`{r}`' for r in revisions)} "
-                "(`config.json` `git_revision` of the runs)."] if revisions else []),
-             "- Machine(s):", *["  " + line for line in report.machine_lines(machines)],
+             *run_lines(epochs=epochs, data_dir=data_dir, commands=commands,
+                        revisions=revisions, machines=machines),
              "", "## Every screened setting, best validation R@1 first", "",
              *report.table(header, rows)]
     unfinished = [f"- {s.name}: {len(by_setting.get(s.name, []))} of {epochs} epochs"
@@ -278,7 +290,7 @@ def study_markdown(settings: Sequence[Setting], by_setting: Mapping[str, list], 
 # Command line.
 
 
-def _revisions(runs_dir: Path, settings: Sequence[Setting]) -> list[str]:
+def run_revisions(runs_dir: Path, settings: Sequence[Setting]) -> list[str]:
     """The distinct `git_revision`s of the runs' config.json."""
     revisions = []
     for setting in settings:
@@ -308,7 +320,7 @@ def write_report(args, commands: Sequence[str]) -> tuple[Path, Setting | None]:
                 for record in runs.run_records(args.runs_dir, s.name, SEED, "machine.jsonl")]
     text = study_markdown(settings, by_setting, epochs=args.epochs, winner=winner,
                           commands=commands, data_dir=args.data_dir, stages=args.stages,
-                          revisions=_revisions(args.runs_dir, settings), machines=machines)
+                          revisions=run_revisions(args.runs_dir, settings), machines=machines)
     from smine_jax import fileio
 
     fileio.write_text_atomically(args.report, text)
